@@ -1,0 +1,34 @@
+//! # udm-drivers: the bottom of the udm stack
+//!
+//! ```text
+//!  mapping / server / bench
+//!        │  BlockDevice::open_queue() ─► IoQueue (one per thread)
+//!        ▼        submit(IoRequest) … kick() … poll(&mut [Completion])
+//!  ┌──────────┬──────────┬──────────────┬─────────────────┐
+//!  │  null    │  mem     │ file         │ nvme            │
+//!  │ (zeroes) │ (RAM)    │ (io_uring)   │ (VFIO, polled)  │
+//!  └──────────┴──────────┴──────────────┴─────────────────┘
+//! ```
+//!
+//! * [`BlockDevice`] is shared by all threads; each thread opens its own [`IoQueue`] and
+//!   is the only one to touch it, so the data path needs no locks.
+//! * An [`IoRequest`] carries an [`SgList`], a window over segments the submitter owns;
+//!   nothing is allocated or copied per request.
+//! * Completions come only out of [`IoQueue::poll`], never from inside `submit`.
+//! * Sectors are always 512 bytes; backends enforce their own logical block size.
+
+pub mod backend_spec;
+pub mod backends;
+pub mod completion_ring;
+pub mod device;
+pub mod dma;
+pub mod error;
+pub mod request;
+pub mod sg;
+pub mod units;
+pub mod validate;
+
+pub use device::{BlockDevice, DeviceInfo, IoQueue, MemoryRegion};
+pub use error::{DeviceError, IoError};
+pub use request::{Completion, IoOp, IoRequest, QueueFull, SECTOR_SIZE};
+pub use sg::{IoSegment, SgList};

@@ -1,0 +1,1 @@
+//! udm-mapping: the userspace device-mapper (tables, targets, registry, snapshots).
