@@ -149,11 +149,15 @@ fn bad_requests_fail_and_the_export_keeps_serving() {
     let dev = open_backend("mem:1M").unwrap();
     let (export, path) = start(dev, config(&dir, "small", 1, false, PollMode::Event));
     let mut client = Client::connect(&path, 1, false).unwrap();
-    let past_end = [Op::Read { offset: (1 << 20) - 512, buf: 0, len: 4096 }, Op::Write { offset: 1 << 20, buf: 0, len: 512 }];
+    let past_end =
+        [Op::Read { offset: (1 << 20) - 512, buf: 0, len: 4096 }, Op::Write { offset: 1 << 20, buf: 0, len: 512 }];
     let r = client.run(0, &past_end);
     assert!(r.iter().all(|&e| e < 0), "requests past the end fail: {r:?}");
     client.buf()[..512].fill(7);
-    assert_eq!(client.run(0, &[Op::Write { offset: 0, buf: 0, len: 512 }, Op::Read { offset: 0, buf: 512, len: 512 }]), vec![0, 0]);
+    assert_eq!(
+        client.run(0, &[Op::Write { offset: 0, buf: 0, len: 512 }, Op::Read { offset: 0, buf: 512, len: 512 }]),
+        vec![0, 0]
+    );
     assert!(client.buf()[512..1024].iter().all(|&b| b == 7));
     assert!(export.stats()[0].rejected >= 2);
     drop(client);

@@ -78,10 +78,10 @@ mod tests {
         put(0, Descriptor::new(0x1000, 16, next, 3));
         put(3 * 16, Descriptor::new(0x2000, 1, write, 0));
         let got: Vec<Desc> = ChainWalk::new(&mem, 0, 8, 0).collect();
-        assert_eq!(got, vec![
-            Desc { addr: 0x1000, len: 16, writable: false },
-            Desc { addr: 0x2000, len: 1, writable: true }
-        ]);
+        assert_eq!(
+            got,
+            vec![Desc { addr: 0x1000, len: 16, writable: false }, Desc { addr: 0x2000, len: 1, writable: true }]
+        );
         // An indirect table of two entries at 0x800.
         put(16, Descriptor::new(0x800, 32, ind, 0));
         put(0x800, Descriptor::new(0x3000, 16, next, 1));

@@ -463,22 +463,38 @@ mod tests {
         let data_out = Desc { addr: 0x1000, len: 512, writable: false };
         let cases: Vec<(Vec<Desc>, Reason, Option<u8>)> = vec![
             (vec![], Reason::EmptyChain, None),
-            (vec![header(&m, 0x100, VIRTIO_BLK_T_IN, 0)], Reason::NoStatusByte, None),
+            (vec![header(&m, 0x140, VIRTIO_BLK_T_IN, 0)], Reason::NoStatusByte, None),
             (vec![Desc { addr: 0x100, len: 8, writable: false }, STATUS], Reason::ShortHeader(8), Some(STATUS_IOERR)),
-            (vec![header(&m, 0x100, 99, 0), STATUS], Reason::UnknownType(99), Some(STATUS_UNSUPP)),
+            (vec![header(&m, 0x180, 99, 0), STATUS], Reason::UnknownType(99), Some(STATUS_UNSUPP)),
             (
-                vec![header(&m, 0x100, VIRTIO_BLK_T_IN, 4095), Desc { len: 1024, ..data_in }, STATUS],
+                vec![header(&m, 0x1c0, VIRTIO_BLK_T_IN, 4095), Desc { len: 1024, ..data_in }, STATUS],
                 Reason::PastCapacity { sector: 4095, sectors: 2, capacity: 4096 },
                 Some(STATUS_IOERR),
             ),
-            (vec![header(&m, 0x100, VIRTIO_BLK_T_IN, 0), Desc { len: 100, ..data_in }, STATUS], Reason::BadLength { len: 100, block: 512 }, Some(STATUS_IOERR)),
-            (vec![header(&m, 0x100, VIRTIO_BLK_T_IN, 0), STATUS, data_out], Reason::ReadableAfterWritable, None),
             (
-                vec![header(&m, 0x100, VIRTIO_BLK_T_IN, 0), Desc { addr: 0x7000_0000, len: 512, writable: true }, STATUS],
+                vec![header(&m, 0x200, VIRTIO_BLK_T_IN, 0), Desc { len: 100, ..data_in }, STATUS],
+                Reason::BadLength { len: 100, block: 512 },
+                Some(STATUS_IOERR),
+            ),
+            (
+                vec![header(&m, 0x240, VIRTIO_BLK_T_IN, 0), STATUS, data_out, STATUS],
+                Reason::ReadableAfterWritable,
+                Some(STATUS_IOERR),
+            ),
+            (
+                vec![
+                    header(&m, 0x280, VIRTIO_BLK_T_IN, 0),
+                    Desc { addr: 0x7000_0000, len: 512, writable: true },
+                    STATUS,
+                ],
                 Reason::OutsideMemory { addr: 0x7000_0000, len: 512 },
                 Some(STATUS_IOERR),
             ),
-            (vec![header(&m, 0x100, VIRTIO_BLK_T_IN, 0), Desc { addr: 0x7000_0000, len: 1, writable: true }], Reason::OutsideMemory { addr: 0x7000_0000, len: 1 }, None),
+            (
+                vec![header(&m, 0x2c0, VIRTIO_BLK_T_IN, 0), Desc { addr: 0x7000_0000, len: 1, writable: true }],
+                Reason::OutsideMemory { addr: 0x7000_0000, len: 1 },
+                None,
+            ),
         ];
         for (chain, reason, status) in cases {
             let (r, _) = parse(&m, &chain, false);

@@ -145,10 +145,7 @@ pub fn spawn(
     if !queue.is_valid(&*mem) {
         return Err(StartError::InvalidQueue(setup.index));
     }
-    let ring_used = queue
-        .used_idx(&*mem, Ordering::Acquire)
-        .map_err(|_| StartError::InvalidQueue(setup.index))?
-        .0;
+    let ring_used = queue.used_idx(&*mem, Ordering::Acquire).map_err(|_| StartError::InvalidQueue(setup.index))?.0;
     queue.set_next_used(ring_used);
     queue.set_next_avail(setup.next_avail);
     let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| StartError::Host("eventfd", e))?);
