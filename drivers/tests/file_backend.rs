@@ -179,5 +179,4 @@ fn loop_block_device() {
     assert!(dev.info().supports_discard);
     assert_eq!(run_one(&mut *q, IoRequest::discard(64, 64, 0)), Ok(()));
     assert!(read_back(&mut *q, 64, 64).iter().all(|&b| b == 0));
-
 }
