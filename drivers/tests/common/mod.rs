@@ -100,6 +100,7 @@ impl Buffer {
         unsafe { SgList::from_raw(self.segments.as_ptr(), self.segments.len()) }
     }
 
+    #[allow(clippy::mut_from_ref)]
     pub fn bytes(&self) -> &mut [u8] {
         // SAFETY: tests touch the bytes only while no request uses the buffer.
         unsafe { &mut self.mem.as_mut_slice()[..self.len] }
@@ -128,7 +129,8 @@ pub fn whole_device_integrity(dev: Arc<dyn BlockDevice>, threads: usize, chunk: 
                 // The last thread also covers the tail the division left over.
                 let region = |t: usize| {
                     let start = t as u64 * per_thread;
-                    let end = if t == threads - 1 { sectors / chunk_sectors * chunk_sectors } else { start + per_thread };
+                    let end =
+                        if t == threads - 1 { sectors / chunk_sectors * chunk_sectors } else { start + per_thread };
                     start..end
                 };
                 let mine = region(t);

@@ -194,7 +194,7 @@ pub fn run(args: &BenchArgs) -> Result<Report, BenchError> {
     let device = open_bench_device(&args.devices)?;
     let info = device.info();
     let bs = args.bs;
-    if bs == 0 || bs % u64::from(info.logical_block_size) != 0 || bs % SECTOR_SIZE != 0 {
+    if bs == 0 || !bs.is_multiple_of(u64::from(info.logical_block_size)) || !bs.is_multiple_of(SECTOR_SIZE) {
         return Err(BenchError::Usage(format!(
             "--bs {bs} is not a multiple of the device's {}-byte logical block size",
             info.logical_block_size
@@ -225,7 +225,11 @@ pub fn run(args: &BenchArgs) -> Result<Report, BenchError> {
         return Err(BenchError::Usage(format!(
             "the device holds {nblocks} blocks of {bs} bytes: too few for {threads} thread(s){}; \
              use a bigger device, a smaller --bs, --qd or --threads",
-            if args.verify { format!(" with --verify at --qd {qd} (each thread needs more blocks than --qd)") } else { String::new() }
+            if args.verify {
+                format!(" with --verify at --qd {qd} (each thread needs more blocks than --qd)")
+            } else {
+                String::new()
+            }
         )));
     }
 
