@@ -18,6 +18,7 @@
 //! * [`MappedDevice`]: a mapped device is a [`udm_drivers::BlockDevice`], so mapped
 //!   devices stack and export like backends.
 
+pub mod bounce;
 pub mod error;
 pub mod mapped;
 pub mod registry;
