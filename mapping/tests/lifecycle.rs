@@ -79,7 +79,8 @@ fn refused_tables_change_nothing_and_say_why() {
     reg.create("vol", None, Some("0 1024 linear disk0 0")).unwrap();
     reg.load("vol", "0 8 zero").unwrap();
     let before = (reg.table("vol", TableSlot::Live).unwrap(), reg.table("vol", TableSlot::Inactive).unwrap());
-    let cases: Vec<(&str, fn(&TableError) -> bool)> = vec![
+    type Check = fn(&TableError) -> bool;
+    let cases: Vec<(&str, Check)> = vec![
         ("0 8 zero\n16 8 zero", |e| matches!(e, TableError::Gap { line: 2, found: 16, expected: 8 })),
         ("0 8 bogus", |e| matches!(e, TableError::UnknownTarget { line: 1, .. })),
         (
