@@ -14,10 +14,12 @@
 //! * [`shared`]: one snapshot's state, shared by every thread.
 //! * [`engine`]: a thread's copy engine (bounce buffers, its own queues).
 //! * [`chunk_bitmap`], [`tracker`]: lock-free fast paths and drain handshakes.
+//! * [`merge`]: the background merge of `snapshot-merge`.
 //! * [`waits`]: writes held until the exceptions they need are durable.
 
 pub mod chunk_bitmap;
 pub mod engine;
+pub mod merge;
 pub mod origins;
 pub mod shared;
 pub mod tokens;

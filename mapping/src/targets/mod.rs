@@ -3,6 +3,7 @@
 pub mod error;
 pub mod linear;
 pub mod snapshot;
+pub mod snapshot_merge;
 pub mod snapshot_origin;
 pub mod striped;
 pub mod zero;
@@ -36,6 +37,7 @@ impl TargetTypes {
                 Arc::new(error::ErrorType),
                 Arc::new(snapshot_origin::SnapshotOriginType),
                 Arc::new(snapshot::SnapshotType),
+                Arc::new(snapshot_merge::SnapshotMergeType),
             ],
         }
     }
