@@ -432,3 +432,18 @@ impl Drop for FileQueue {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_without_io_uring_gets_an_unavailable_error_that_says_why() {
+        for (errno, needle) in [(libc::ENOSYS, "Linux 5.6"), (libc::EPERM, "io_uring_disabled")] {
+            let e = ring_error(io::Error::from_raw_os_error(errno));
+            assert!(matches!(e, DeviceError::Unavailable { what: "io_uring", .. }), "{e:?}");
+            assert!(e.to_string().contains(needle), "{e}");
+        }
+        assert!(matches!(ring_error(io::Error::from_raw_os_error(libc::ENOMEM)), DeviceError::Io { .. }));
+    }
+}
