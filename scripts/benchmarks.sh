@@ -16,7 +16,7 @@ ROUNDS=${ROUNDS:-2}
 udm_json() { RUST_LOG=error "$UDM" bench "$@" --json; }
 field() { python3 -c "import json,sys; r=json.load(sys.stdin); print($1)"; }
 
-echo "## $(date -u +%F) on $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), kernel $(uname -r)"
+echo "Run of $(date -u '+%F %H:%M UTC'), load average $(cut -d' ' -f1-3 /proc/loadavg), on $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), kernel $(uname -r)"
 echo
 echo "| device | rw | bs | qd | IOPS | p50 us | p99 us | p99.9 us | CPU s/s |"
 echo "|---|---|---|---|---|---|---|---|---|"
@@ -35,17 +35,17 @@ fi
 echo
 echo "File: $IMG ($(df -T "$IMG" | awk 'NR==2 {print $2}') on $(df "$IMG" | awk 'NR==2 {print $1}'), 1 GiB, O_DIRECT), 4k randread, one job/thread, ${FILE_TIME}s per run, $ROUNDS rounds alternating"
 echo
-echo "| qd | round | fio IOPS | fio p50 us | fio p99 us | udm IOPS | udm p50 us | udm p99 us | udm/fio |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "| qd | round | fio IOPS | fio clat p50 us | fio clat p99 us | fio CPU % | udm IOPS | udm p50 us | udm p99 us | udm CPU % | udm/fio IOPS |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for qd in 1 32; do
   for round in $(seq 1 "$ROUNDS"); do
     f=$(fio --name=cmp --filename="$IMG" --ioengine=io_uring --direct=1 --rw=randread --bs=4k --iodepth="$qd" \
           --numjobs=1 --time_based --runtime="$FILE_TIME" --size=1G --output-format=json 2>/dev/null |
-        field "' '.join(str(x) for x in [r['jobs'][0]['read']['iops'], r['jobs'][0]['read']['lat_ns']['percentile']['50.000000']/1e3 if 'percentile' in r['jobs'][0]['read']['lat_ns'] else r['jobs'][0]['read']['clat_ns']['percentile']['50.000000']/1e3, r['jobs'][0]['read']['clat_ns']['percentile']['99.000000']/1e3])")
+        field "' '.join(str(x) for x in [r['jobs'][0]['read']['iops'], r['jobs'][0]['read']['clat_ns']['percentile']['50.000000']/1e3, r['jobs'][0]['read']['clat_ns']['percentile']['99.000000']/1e3, r['jobs'][0]['usr_cpu'] + r['jobs'][0]['sys_cpu']])")
     u=$(udm_json --device "file:$IMG" --rw randread --bs 4k --qd "$qd" --time "$FILE_TIME" |
-        field "' '.join(str(x) for x in [r['iops'], r['read']['lat_us']['p50'], r['read']['lat_us']['p99']])")
-    read -r fi fp50 fp99 <<<"$f"
-    read -r ui up50 up99 <<<"$u"
-    python3 -c "print(f'| $qd | $round | {$fi:.0f} | {$fp50:.1f} | {$fp99:.1f} | {$ui:.0f} | {$up50:.1f} | {$up99:.1f} | {$ui/$fi:.2f} |')"
+        field "' '.join(str(x) for x in [r['iops'], r['read']['lat_us']['p50'], r['read']['lat_us']['p99'], 100 * (r['cpu']['user_s'] + r['cpu']['sys_s']) / r['seconds']])")
+    read -r fi fp50 fp99 fcpu <<<"$f"
+    read -r ui up50 up99 ucpu <<<"$u"
+    python3 -c "print(f'| $qd | $round | {$fi:.0f} | {$fp50:.1f} | {$fp99:.1f} | {$fcpu:.0f} | {$ui:.0f} | {$up50:.1f} | {$up99:.1f} | {$ucpu:.0f} | {$ui/$fi:.2f} |')"
   done
 done
