@@ -13,15 +13,21 @@
 //!
 //! * [`table_text`]: the dmsetup table format (parse and print).
 //! * [`target`]: the target API (constructors, per-thread queues, hooks).
-//! * [`targets`]: `linear`, `striped`, `zero`, `error`.
+//! * [`targets`]: `linear`, `striped`, `zero`, `error`, `snapshot-origin`, `snapshot`,
+//!   `snapshot-merge`.
+//! * [`exception_store`], [`snapshot`]: the COW stores (Linux's on-disk format) and the
+//!   machinery the snapshot targets share.
 //! * [`registry`]: names, lifecycle and reports.
 //! * [`MappedDevice`]: a mapped device is a [`udm_drivers::BlockDevice`], so mapped
 //!   devices stack and export like backends.
 
 pub mod bounce;
 pub mod error;
+pub mod exception_store;
+pub mod io_buf;
 pub mod mapped;
 pub mod registry;
+pub mod snapshot;
 pub mod sync_io;
 pub mod table;
 pub mod table_text;
@@ -32,3 +38,6 @@ pub use error::{MappingError, TableError, TargetError};
 pub use mapped::MappedDevice;
 pub use registry::{DeviceKind, DeviceReport, DeviceState, OpenDevice, Registry, SuspendFlags, TableSlot};
 pub use table::Table;
+
+#[cfg(test)]
+pub(crate) mod test_fixtures;

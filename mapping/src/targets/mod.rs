@@ -2,6 +2,9 @@
 
 pub mod error;
 pub mod linear;
+pub mod snapshot;
+pub mod snapshot_merge;
+pub mod snapshot_origin;
 pub mod striped;
 pub mod zero;
 
@@ -24,7 +27,7 @@ impl Default for TargetTypes {
 }
 
 impl TargetTypes {
-    /// `linear`, `striped`, `zero` and `error`.
+    /// `linear`, `striped`, `zero`, `error` and the snapshot targets.
     pub fn builtin() -> Self {
         TargetTypes {
             types: vec![
@@ -32,6 +35,9 @@ impl TargetTypes {
                 Arc::new(striped::StripedType),
                 Arc::new(zero::ZeroType),
                 Arc::new(error::ErrorType),
+                Arc::new(snapshot_origin::SnapshotOriginType),
+                Arc::new(snapshot::SnapshotType),
+                Arc::new(snapshot_merge::SnapshotMergeType),
             ],
         }
     }
