@@ -194,7 +194,7 @@ pub fn run(args: &BenchArgs) -> Result<Report, BenchError> {
     let device = open_bench_device(&args.devices)?;
     let info = device.info();
     let bs = args.bs;
-    if bs == 0 || bs % u64::from(info.logical_block_size) != 0 || bs % SECTOR_SIZE != 0 {
+    if bs == 0 || !bs.is_multiple_of(u64::from(info.logical_block_size)) || !bs.is_multiple_of(SECTOR_SIZE) {
         return Err(BenchError::Usage(format!(
             "--bs {bs} is not a multiple of the device's {}-byte logical block size",
             info.logical_block_size

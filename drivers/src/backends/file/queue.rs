@@ -23,10 +23,10 @@ pub(super) const SLOT_IOVECS: usize = 128;
 /// Most requests one queue holds (io_uring rings are sized to a power of two above).
 const MAX_DEPTH: usize = 4096;
 
-/// `FALLOC_FL_NO_HIDE_STALE` from <linux/falloc.h> (absent from the libc crate): with
-/// `PUNCH_HOLE | KEEP_SIZE` on a block device it asks for a real discard (BLKDISCARD)
-/// instead of zeroing the range.
-const FALLOC_FL_NO_HIDE_STALE: i32 = 0x04;
+/// `BLOCK_URING_CMD_DISCARD` from <linux/fs.h> (`_IO(0x12, 0)`, Linux 6.12; absent from
+/// the libc crate): the asynchronous BLKDISCARD of a block device, as an io_uring
+/// command with the byte offset in `addr` and the length in `addr3`.
+const BLOCK_URING_CMD_DISCARD: u32 = 0x12 << 8;
 
 /// The registered-file index of the backing file in every ring.
 const FILE: types::Fixed = types::Fixed(0);
@@ -37,8 +37,9 @@ struct Slot {
     req: IoRequest,
     /// Bytes already transferred (a short read or write continues from here).
     done: u64,
-    /// ZERO_RANGE was refused; zero by punching a hole instead.
-    zero_by_punch: bool,
+    /// The first way of doing a Discard or WriteZeroes was refused; use the second
+    /// (see `prepare`).
+    fallback: bool,
 }
 
 /// A queue over one io_uring.
@@ -112,7 +113,7 @@ impl FileQueue {
         ring.submitter()
             .register_files(&[file.as_raw_fd()])
             .map_err(|e| DeviceError::io("cannot register the file with io_uring", e))?;
-        let empty = Slot { req: IoRequest::flush(0), done: 0, zero_by_punch: false };
+        let empty = Slot { req: IoRequest::flush(0), done: 0, fallback: false };
         Ok(FileQueue {
             ring,
             slots: vec![empty; depth].into_boxed_slice(),
@@ -146,15 +147,20 @@ impl FileQueue {
                 self.rw_entry(idx, req.op, sg, offset, flags)?
             }
             IoOp::Flush => opcode::Fsync::new(FILE).flags(types::FsyncFlags::DATASYNC).build(),
+            // A block device discards through its io_uring command where the kernel has
+            // it; otherwise (and on files) punching a hole is the discard: on a block
+            // device the kernel turns it into a write-zeroes that unmaps.
+            IoOp::Discard if self.kind == FileKind::BlockDevice && !slot.fallback => {
+                let mut cmd = [0u8; 16];
+                cmd[..8].copy_from_slice(&req.bytes().to_le_bytes());
+                opcode::UringCmd16::new(FILE, BLOCK_URING_CMD_DISCARD).addr(Some(offset)).cmd(cmd).build()
+            }
             IoOp::Discard => {
-                let mut mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-                if self.kind == FileKind::BlockDevice {
-                    mode |= FALLOC_FL_NO_HIDE_STALE;
-                }
+                let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
                 opcode::Fallocate::new(FILE, req.bytes()).offset(offset).mode(mode).build()
             }
             IoOp::WriteZeroes => {
-                let mode = if slot.zero_by_punch {
+                let mode = if slot.fallback {
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
                 } else {
                     libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
@@ -261,10 +267,10 @@ impl FileQueue {
         if res < 0 {
             let errno = -res;
             return match op {
-                IoOp::WriteZeroes
-                    if !self.slots[idx].zero_by_punch && matches!(errno, libc::EOPNOTSUPP | libc::EINVAL) =>
+                IoOp::WriteZeroes | IoOp::Discard
+                    if !self.slots[idx].fallback && matches!(errno, libc::EOPNOTSUPP | libc::EINVAL) =>
                 {
-                    self.slots[idx].zero_by_punch = true;
+                    self.slots[idx].fallback = true;
                     self.resubmit(idx)
                 }
                 IoOp::Discard | IoOp::WriteZeroes if errno == libc::EOPNOTSUPP => {
@@ -305,7 +311,7 @@ impl FileQueue {
 /// See [`FileQueue::check_direct_alignment`].
 #[inline]
 fn check_alignment(direct: bool, ptr: *mut u8, len: usize) -> Result<(), IoError> {
-    if direct && ((ptr as usize) | len) % SECTOR_SIZE as usize != 0 {
+    if direct && !((ptr as usize) | len).is_multiple_of(SECTOR_SIZE as usize) {
         return Err(IoError::BadBuffer { reason: "O_DIRECT needs buffers aligned to 512 bytes" });
     }
     Ok(())
@@ -322,7 +328,7 @@ impl IoQueue for FileQueue {
             return Ok(());
         }
         let idx = self.free.pop().expect("a free slot: in_flight < depth") as usize;
-        self.slots[idx] = Slot { req, done: 0, zero_by_punch: false };
+        self.slots[idx] = Slot { req, done: 0, fallback: false };
         match self.prepare(idx) {
             Ok(entry) => self.push(&entry),
             Err(e) => {
