@@ -65,7 +65,7 @@ impl IoRequest {
     }
 
     /// A cache flush.
-    pub fn flush(tag: u64) -> Self {
+    pub const fn flush(tag: u64) -> Self {
         IoRequest { op: IoOp::Flush, sector: 0, sectors: 0, sg: SgList::empty(), fua: false, tag }
     }
 

@@ -1,0 +1,476 @@
+//! `fault`: a wrapper over any [`BlockDevice`] that fails, tears, drops or corrupts I/O
+//! on command, for crash-consistency and verification tests.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use udm_drivers::backends::{fault::FaultDevice, mem::MemDevice};
+//!
+//! let disk = Arc::new(MemDevice::new(64 << 20, 512).unwrap());
+//! let faulty = FaultDevice::new(disk.clone());
+//! let control = faulty.control();
+//! // ... write the initial state through `faulty` ...
+//! control.power_loss_at_write(100, 7); // the 100th write from now is torn, later ones vanish
+//! // ... run the workload through `faulty` until control.power_lost() ...
+//! let torn = control.torn_write();       // which sectors of write 100 reached the disk
+//! // "Reboot": open `disk` (the surviving media) directly and check recovery.
+//! ```
+//!
+//! All queues of one device share one [`FaultControl`] (atomics only), so "the Nth
+//! write" means the Nth write submitted to the device from any thread, in submission
+//! order. A write is a `Write`, `Discard` or `WriteZeroes`; flushes are not counted.
+//! The plans:
+//! * [`FaultControl::fail_after_writes`]: the first N writes pass; after them every
+//!   request (reads and flushes too) fails with `IoError::Host { errno: EIO }`, like a
+//!   disk that died.
+//! * [`FaultControl::power_loss_at_write`]: writes before the Nth reach the inner
+//!   device whole; the Nth is torn at the inner device's block granularity (512 bytes
+//!   on a 512-byte device), each block landing or not by a hash of the seed; every
+//!   later write completes successfully but is silently dropped. Reads still see the
+//!   inner device, so the state after the cut can be read back.
+//! * [`FaultControl::corrupt_reads`]: reads covering a chosen sector get one byte of
+//!   that sector inverted (the byte at offset `sector % 512`), every time; the inner
+//!   device is left intact.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+
+use crate::completion_ring::CompletionRing;
+use crate::device::{BlockDevice, DeviceInfo, IoQueue, MemoryRegion};
+use crate::error::{DeviceError, IoError};
+use crate::request::{Completion, IoOp, IoRequest, QueueFull, SECTOR_SIZE};
+use crate::validate::validate_request;
+
+const MODE_OFF: u8 = 0;
+const MODE_FAIL_AFTER: u8 = 1;
+const MODE_POWER_LOSS: u8 = 2;
+
+/// What a fault device does to writes, as parsed from a backend spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteFault {
+    /// [`FaultControl::fail_after_writes`].
+    FailAfterWrites(u64),
+    /// [`FaultControl::power_loss_at_write`].
+    PowerLossAtWrite {
+        /// 1-based ordinal of the torn write.
+        write: u64,
+        /// Chooses which blocks of the torn write land.
+        seed: u64,
+    },
+}
+
+/// Faults to arm when a fault device is created (see `backend_spec`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FaultPlan {
+    /// What happens to writes, if anything.
+    pub writes: Option<WriteFault>,
+    /// Sectors whose reads come back corrupted.
+    pub corrupt_sectors: Vec<u64>,
+}
+
+/// The one write that a power loss tore.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornWrite {
+    /// The operation (Write, Discard or WriteZeroes).
+    pub op: IoOp,
+    /// Its first sector.
+    pub sector: u64,
+    /// Its length in sectors.
+    pub sectors: u64,
+    /// The sector ranges that reached the inner device; the rest kept their old data.
+    pub applied: Vec<Range<u64>>,
+}
+
+/// Shared switches and counters of one fault device.
+#[derive(Debug)]
+pub struct FaultControl {
+    mode: AtomicU8,
+    threshold: AtomicU64,
+    seed: AtomicU64,
+    writes: AtomicU64,
+    failed: AtomicU64,
+    dropped: AtomicU64,
+    corrupted: AtomicU64,
+    power_lost: AtomicBool,
+    corrupt: ArcSwap<Vec<u64>>,
+    torn: Mutex<Option<TornWrite>>,
+}
+
+impl FaultControl {
+    fn new() -> Self {
+        FaultControl {
+            mode: AtomicU8::new(MODE_OFF),
+            threshold: AtomicU64::new(0),
+            seed: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            corrupted: AtomicU64::new(0),
+            power_lost: AtomicBool::new(false),
+            corrupt: ArcSwap::from_pointee(Vec::new()),
+            torn: Mutex::new(None),
+        }
+    }
+
+    fn arm(&self, mode: u8, threshold: u64, seed: u64) {
+        self.mode.store(MODE_OFF, Ordering::SeqCst);
+        self.writes.store(0, Ordering::SeqCst);
+        self.power_lost.store(false, Ordering::SeqCst);
+        *self.torn.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.threshold.store(threshold, Ordering::SeqCst);
+        self.seed.store(seed, Ordering::SeqCst);
+        self.mode.store(mode, Ordering::SeqCst);
+    }
+
+    /// From now on, let `n` writes through, then fail every request with EIO.
+    /// Resets the write count.
+    pub fn fail_after_writes(&self, n: u64) {
+        self.arm(MODE_FAIL_AFTER, n, 0);
+    }
+
+    /// From now on, writes `1..n` (counted from this call) land whole, write `n` is torn
+    /// by `seed`, and every later write completes without reaching the inner device.
+    /// `n` must be at least 1. Resets the write count and the torn-write record.
+    pub fn power_loss_at_write(&self, n: u64, seed: u64) {
+        self.arm(MODE_POWER_LOSS, n.max(1), seed);
+    }
+
+    /// Corrupts every read that covers one of `sectors` (replacing the previous set).
+    pub fn corrupt_reads(&self, sectors: impl IntoIterator<Item = u64>) {
+        let mut v: Vec<u64> = sectors.into_iter().collect();
+        v.sort_unstable();
+        v.dedup();
+        self.corrupt.store(Arc::new(v));
+    }
+
+    /// Stops injecting write faults and read corruption: the device behaves like the
+    /// inner one again (counters and the torn-write record stay readable).
+    pub fn disarm(&self) {
+        self.mode.store(MODE_OFF, Ordering::SeqCst);
+        self.corrupt.store(Arc::new(Vec::new()));
+    }
+
+    /// Applies a parsed plan.
+    pub fn apply(&self, plan: &FaultPlan) {
+        match plan.writes {
+            Some(WriteFault::FailAfterWrites(n)) => self.fail_after_writes(n),
+            Some(WriteFault::PowerLossAtWrite { write, seed }) => self.power_loss_at_write(write, seed),
+            None => {}
+        }
+        self.corrupt_reads(plan.corrupt_sectors.iter().copied());
+    }
+
+    /// Writes submitted since the plan was armed.
+    pub fn writes_seen(&self) -> u64 {
+        self.writes.load(Ordering::SeqCst)
+    }
+
+    /// Requests failed on purpose.
+    pub fn failed_ios(&self) -> u64 {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Writes acknowledged but dropped after the power loss.
+    pub fn dropped_writes(&self) -> u64 {
+        self.dropped.load(Ordering::SeqCst)
+    }
+
+    /// Reads corrupted on purpose.
+    pub fn corrupted_reads(&self) -> u64 {
+        self.corrupted.load(Ordering::SeqCst)
+    }
+
+    /// Whether the power-loss write has been reached.
+    pub fn power_lost(&self) -> bool {
+        self.power_lost.load(Ordering::SeqCst)
+    }
+
+    /// The torn write, once the power loss happened.
+    pub fn torn_write(&self) -> Option<TornWrite> {
+        self.torn.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// What to do with one request, decided at submission.
+    #[inline]
+    fn fate(&self, op: IoOp) -> Fate {
+        let mode = self.mode.load(Ordering::Acquire);
+        if mode == MODE_OFF {
+            return Fate::Pass;
+        }
+        let n = self.threshold.load(Ordering::Acquire);
+        if !op.is_write() {
+            return if mode == MODE_FAIL_AFTER && self.writes.load(Ordering::Acquire) >= n {
+                Fate::Fail
+            } else if mode == MODE_POWER_LOSS && op == IoOp::Flush && self.power_lost() {
+                Fate::Drop
+            } else {
+                Fate::Pass
+            };
+        }
+        let ordinal = self.writes.fetch_add(1, Ordering::AcqRel) + 1;
+        match mode {
+            MODE_FAIL_AFTER if ordinal > n => Fate::Fail,
+            MODE_POWER_LOSS if ordinal == n => {
+                self.power_lost.store(true, Ordering::Release);
+                Fate::Tear(self.seed.load(Ordering::Acquire))
+            }
+            MODE_POWER_LOSS if ordinal > n => Fate::Drop,
+            _ => Fate::Pass,
+        }
+    }
+}
+
+enum Fate {
+    Pass,
+    Fail,
+    Drop,
+    Tear(u64),
+}
+
+/// A device that injects the faults its [`FaultControl`] is armed with.
+pub struct FaultDevice {
+    inner: Arc<dyn BlockDevice>,
+    control: Arc<FaultControl>,
+}
+
+impl FaultDevice {
+    /// Wraps `inner`; nothing is injected until the control is armed.
+    pub fn new(inner: Arc<dyn BlockDevice>) -> Self {
+        FaultDevice { inner, control: Arc::new(FaultControl::new()) }
+    }
+
+    /// Wraps `inner` with `plan` armed.
+    pub fn with_plan(inner: Arc<dyn BlockDevice>, plan: &FaultPlan) -> Self {
+        let d = Self::new(inner);
+        d.control.apply(plan);
+        d
+    }
+
+    /// The switches and counters, shared with every queue.
+    pub fn control(&self) -> Arc<FaultControl> {
+        Arc::clone(&self.control)
+    }
+
+    /// The wrapped device (the "media" that survives a power loss).
+    pub fn inner(&self) -> &Arc<dyn BlockDevice> {
+        &self.inner
+    }
+}
+
+impl BlockDevice for FaultDevice {
+    fn info(&self) -> DeviceInfo {
+        self.inner.info()
+    }
+
+    fn open_queue(&self, depth: usize) -> Result<Box<dyn IoQueue>, DeviceError> {
+        let inner = self.inner.open_queue(depth)?;
+        let depth = inner.depth();
+        let info = self.inner.info();
+        Ok(Box::new(FaultQueue {
+            inner,
+            control: Arc::clone(&self.control),
+            slots: vec![Slot::EMPTY; depth].into_boxed_slice(),
+            free: (0..depth as u32).rev().collect(),
+            local: CompletionRing::new(depth),
+            deferred: VecDeque::with_capacity(depth),
+            scratch: vec![Completion::EMPTY; depth].into_boxed_slice(),
+            granule: (u64::from(info.logical_block_size) / SECTOR_SIZE).max(1),
+            info,
+            depth,
+        }))
+    }
+
+    fn register_memory(&self, region: MemoryRegion) -> Result<(), DeviceError> {
+        self.inner.register_memory(region)
+    }
+
+    fn unregister_memory(&self, region: MemoryRegion) -> Result<(), DeviceError> {
+        self.inner.unregister_memory(region)
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Slot {
+    req: IoRequest,
+    /// Inner requests not yet completed (several for a torn write).
+    pending: u32,
+    result: Result<(), IoError>,
+}
+
+impl Slot {
+    const EMPTY: Slot = Slot { req: IoRequest::flush(0), pending: 0, result: Ok(()) };
+}
+
+struct FaultQueue {
+    inner: Box<dyn IoQueue>,
+    control: Arc<FaultControl>,
+    slots: Box<[Slot]>,
+    free: Vec<u32>,
+    /// Completions decided here (failed, dropped, fully torn away).
+    local: CompletionRing,
+    /// Pieces of a torn write that did not fit in the inner queue yet.
+    deferred: VecDeque<IoRequest>,
+    scratch: Box<[Completion]>,
+    /// Tearing unit in sectors: the inner device's logical block.
+    granule: u64,
+    info: DeviceInfo,
+    depth: usize,
+}
+
+impl FaultQueue {
+    fn forward(&mut self, req: IoRequest) {
+        if let Err(QueueFull(req)) = self.inner.submit(req) {
+            self.deferred.push_back(req);
+        }
+    }
+
+    /// Sends the blocks of `req` that the seed picks; records them.
+    fn tear(&mut self, idx: usize, req: IoRequest, seed: u64) {
+        let g = self.granule;
+        let mut applied: Vec<Range<u64>> = Vec::new();
+        let blocks = req.sectors / g;
+        for b in 0..blocks {
+            if mix(seed ^ mix(req.sector + b * g)) & 1 == 1 {
+                let s = req.sector + b * g;
+                match applied.last_mut() {
+                    Some(r) if r.end == s => r.end = s + g,
+                    _ => applied.push(s..s + g),
+                }
+            }
+        }
+        tracing::info!(sector = req.sector, sectors = req.sectors, ?applied, "fault: power loss tears this write");
+        self.slots[idx].pending = applied.len() as u32;
+        for r in &applied {
+            let mut piece = req;
+            piece.sector = r.start;
+            piece.sectors = r.end - r.start;
+            if req.op == IoOp::Write {
+                let off = ((r.start - req.sector) * SECTOR_SIZE) as usize;
+                piece.sg = req.sg.slice(off, (piece.sectors * SECTOR_SIZE) as usize);
+            }
+            piece.tag = idx as u64;
+            self.forward(piece);
+        }
+        let none = applied.is_empty();
+        *self.control.torn.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(TornWrite { op: req.op, sector: req.sector, sectors: req.sectors, applied });
+        if none {
+            self.free.push(idx as u32);
+            self.local.push(Completion { tag: req.tag, result: Ok(()) });
+        }
+    }
+
+    /// Inverts one byte of each chosen sector the read covers.
+    fn corrupt(&self, req: &IoRequest) {
+        let set = self.control.corrupt.load();
+        if set.is_empty() {
+            return;
+        }
+        let end = req.sector + req.sectors;
+        let first = set.partition_point(|&s| s < req.sector);
+        for &s in set[first..].iter().take_while(|&&s| s < end) {
+            let at = ((s - req.sector) * SECTOR_SIZE + s % SECTOR_SIZE) as usize;
+            let byte = req.sg.slice(at, 1);
+            let mut b = [0u8];
+            byte.copy_to_slice(&mut b);
+            b[0] ^= 0xff;
+            byte.copy_from_slice(&b);
+            self.control.corrupted.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// splitmix64's finaliser: a cheap, well-mixed hash for the tearing pattern.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl IoQueue for FaultQueue {
+    fn submit(&mut self, req: IoRequest) -> Result<(), QueueFull> {
+        if self.in_flight() >= self.depth {
+            return Err(QueueFull(req));
+        }
+        if let Err(e) = validate_request(&self.info, &req) {
+            // Invalid requests are the inner device's to refuse and must not count as writes.
+            self.local.push(Completion { tag: req.tag, result: Err(e) });
+            return Ok(());
+        }
+        match self.control.fate(req.op) {
+            Fate::Fail => {
+                self.control.failed.fetch_add(1, Ordering::Relaxed);
+                self.local.push(Completion { tag: req.tag, result: Err(IoError::Host { errno: libc::EIO }) });
+            }
+            Fate::Drop => {
+                if req.op.is_write() {
+                    self.control.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                self.local.push(Completion { tag: req.tag, result: Ok(()) });
+            }
+            Fate::Pass => {
+                let idx = self.free.pop().expect("a free slot: in_flight < depth") as usize;
+                self.slots[idx] = Slot { req, pending: 1, result: Ok(()) };
+                let mut inner = req;
+                inner.tag = idx as u64;
+                self.forward(inner);
+            }
+            Fate::Tear(seed) => {
+                let idx = self.free.pop().expect("a free slot: in_flight < depth") as usize;
+                self.slots[idx] = Slot { req, pending: 0, result: Ok(()) };
+                self.tear(idx, req, seed);
+            }
+        }
+        Ok(())
+    }
+
+    fn kick(&mut self) {
+        self.inner.kick();
+    }
+
+    fn poll(&mut self, out: &mut [Completion]) -> usize {
+        while let Some(req) = self.deferred.pop_front() {
+            if let Err(QueueFull(req)) = self.inner.submit(req) {
+                self.deferred.push_front(req);
+                break;
+            }
+        }
+        self.inner.kick();
+        let mut n = self.local.drain_into(out);
+        // One inner completion yields at most one of ours, so this never overfills `out`.
+        let room = (out.len() - n).min(self.scratch.len());
+        let got = self.inner.poll(&mut self.scratch[..room]);
+        for i in 0..got {
+            let c = self.scratch[i];
+            let idx = c.tag as usize;
+            let slot = &mut self.slots[idx];
+            if slot.result.is_ok() {
+                slot.result = c.result;
+            }
+            slot.pending -= 1;
+            if slot.pending > 0 {
+                continue;
+            }
+            let slot = *slot;
+            if slot.req.op == IoOp::Read && slot.result.is_ok() {
+                self.corrupt(&slot.req);
+            }
+            self.free.push(idx as u32);
+            out[n] = Completion { tag: slot.req.tag, result: slot.result };
+            n += 1;
+        }
+        n
+    }
+
+    fn in_flight(&self) -> usize {
+        self.depth - self.free.len() + self.local.len()
+    }
+
+    fn depth(&self) -> usize {
+        self.depth
+    }
+}
