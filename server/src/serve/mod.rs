@@ -98,8 +98,14 @@ fn run(args: ServeArgs) -> Result<(), String> {
     tracing::info!(signal, "shutting down");
     control.stop();
     daemon.shutdown();
-    println!("udm stopped");
+    say(format_args!("udm stopped"));
     Ok(())
+}
+
+/// Prints a line; a closed stdout (the caller went away) must not stop the shutdown.
+fn say(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{args}");
 }
 
 fn absolute(p: &Path) -> PathBuf {
