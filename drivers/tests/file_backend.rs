@@ -185,6 +185,26 @@ fn every_error_path_fails_the_request_not_the_queue() {
     assert_eq!(run_one(&mut *q, IoRequest::read(0, sg, 0)), Ok(()));
 }
 
+/// A file that shrinks under the device: reads that reach the new end come back short;
+/// the queue continues them from where they stopped and fails what lies past the end.
+#[test]
+fn short_reads_are_continued_and_reads_past_a_shrunken_end_fail() {
+    let img = image(1 << 20);
+    let dev = FileDevice::open(img.path(), &FileOptions::default()).unwrap();
+    let mut q = dev.open_queue(4).unwrap();
+    assert_eq!(write_pattern(&mut *q, 0, 2048, 2), Ok(()));
+    img.as_file().set_len(512 << 10).unwrap();
+    let b = Buffer::new(8192);
+    // Entirely inside the remaining part: fine.
+    assert_eq!(run_one(&mut *q, IoRequest::read(1000, b.sg(), 0)), Ok(()));
+    assert_eq!(first_mismatch(b.bytes(), 1000, 2), None);
+    // Straddling the new end: the first 4 KiB arrive, then end of file.
+    assert_eq!(run_one(&mut *q, IoRequest::read(1016, b.sg(), 0)), Err(IoError::Host { errno: libc::EIO }));
+    assert_eq!(first_mismatch(&b.bytes()[..4096], 1016, 2), None);
+    // Wholly past it.
+    assert_eq!(run_one(&mut *q, IoRequest::read(1536, b.sg(), 0)), Err(IoError::Host { errno: libc::EIO }));
+}
+
 #[test]
 fn opening_bad_files_says_what_to_do() {
     let e = FileDevice::open("/nonexistent/x.img", &FileOptions::default()).unwrap_err().to_string();
