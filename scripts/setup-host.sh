@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Installs the host packages udm's tests and benchmarks use. Idempotent.
+# Installs the host packages udm's tests and benchmarks use, and what the QEMU guests
+# need (scripts/vm-prepare.sh: QEMU, a guest kernel, busybox, dmsetup). Idempotent.
 set -euo pipefail
 need=()
-for p in qemu-system-x86 qemu-utils fio xz-utils cpio busybox-static; do
+for p in fio xz-utils cpio busybox-static; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  # qemu-system-x86 and qemu-utils in one command: installing the first alone removes
-  # the newer qemu-utils some images ship, leaving no qemu-img.
-  apt-get install -y -qq "${need[@]}" >/dev/null
+  apt-get -o DPkg::Lock::Timeout=600 update -qq
+  apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${need[@]}" >/dev/null
 fi
+# QEMU (qemu-system-x86 and qemu-utils together, same version), the guest kernel and its
+# modules, busybox: cached in $UDM_VM_CACHE (default /var/cache/udm-vm).
+bash "$(dirname "$0")/vm-prepare.sh"

@@ -1,0 +1,206 @@
+//! The per-queue bookkeeping of requests and their pieces: a preallocated slot per
+//! request in flight, the child queues (one per distinct device below the table), the
+//! completion ring. Nothing here allocates or locks after the queue is opened.
+//!
+//! Child request tags say who the child I/O belongs to:
+//! ```text
+//!  bit 63 = 0: a piece of request slot `tag & 0xffff_ffff`, remapped by segment `tag >> 32`
+//!  bit 63 = 1: internal I/O of segment `(tag >> 32) & 0x7fff_ffff`, target token `tag as u32`
+//! ```
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use udm_drivers::completion_ring::CompletionRing;
+use udm_drivers::{BlockDevice, Completion, IoError, IoQueue, IoRequest, QueueFull};
+
+use crate::mapped::rings::FixedRing;
+use crate::mapped::QueueShared;
+use crate::target::DeviceId;
+
+/// Tag bit marking a target's internal I/O.
+pub(crate) const INTERNAL: u64 = 1 << 63;
+/// Segment number used for pieces that belong to no segment (table-wide flushes).
+pub(crate) const NO_SEGMENT: u32 = 0x7fff_ffff;
+
+/// One device below, with this thread's queue to it.
+pub(crate) struct Child {
+    pub id: DeviceId,
+    pub device: Arc<dyn BlockDevice>,
+    pub queue: Box<dyn IoQueue>,
+    /// Requests submitted to `queue` and not yet reaped.
+    pub outstanding: usize,
+    /// Submitted to since the last kick.
+    pub dirty: bool,
+}
+
+/// One request in flight through the mapped queue.
+#[derive(Clone, Copy)]
+pub(crate) struct Slot {
+    /// The request as submitted (its tag is the caller's).
+    pub req: IoRequest,
+    /// Progress of issuing: sectors issued (data ops) or flush steps issued.
+    pub cursor: u64,
+    /// Segment of the last piece, to skip the binary search for the next one.
+    pub seg_hint: u32,
+    /// Pieces issued and not finished.
+    pub outstanding: u32,
+    /// Every piece has been issued.
+    pub issued: bool,
+    /// First error of any piece.
+    pub error: Option<IoError>,
+    /// A remapped piece that found its child queue full: (child, request).
+    pub pending: Option<(u32, IoRequest)>,
+}
+
+impl Slot {
+    const EMPTY: Slot = Slot {
+        req: IoRequest {
+            op: udm_drivers::IoOp::Flush,
+            sector: 0,
+            sectors: 0,
+            sg: udm_drivers::SgList::empty(),
+            fua: false,
+            tag: 0,
+        },
+        cursor: 0,
+        seg_hint: 0,
+        outstanding: 0,
+        issued: false,
+        error: None,
+        pending: None,
+    };
+}
+
+/// Slots, children, completions and the published in-flight count of one queue.
+pub(crate) struct IoCore {
+    pub children: Vec<Child>,
+    pub slots: Box<[Slot]>,
+    free: Vec<u32>,
+    pub done: CompletionRing,
+    /// Slots whose next piece waits for room in a child queue.
+    pub blocked: FixedRing<u32>,
+    /// Admitted requests not finished plus internal I/O in flight (published).
+    active: usize,
+    shared: Arc<QueueShared>,
+}
+
+impl IoCore {
+    pub fn new(depth: usize, shared: Arc<QueueShared>) -> Self {
+        IoCore {
+            children: Vec::new(),
+            slots: vec![Slot::EMPTY; depth].into_boxed_slice(),
+            free: (0..depth as u32).rev().collect(),
+            done: CompletionRing::new(depth),
+            blocked: FixedRing::new(depth),
+            active: 0,
+            shared,
+        }
+    }
+
+    /// Requests holding a slot.
+    #[inline]
+    pub fn slots_in_use(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    #[inline]
+    pub fn active(&self) -> usize {
+        self.active
+    }
+
+    #[inline]
+    fn publish(&self) {
+        self.shared.active.store(self.active, Ordering::Release);
+    }
+
+    /// Counts one more unit of work and publishes it; the caller fences and checks
+    /// the device state afterwards (see `mapped` module docs).
+    #[inline]
+    pub fn enter(&mut self) {
+        self.active += 1;
+        self.shared.active.store(self.active, Ordering::Relaxed);
+    }
+
+    /// Undoes [`IoCore::enter`] (admission refused, or a request finished).
+    #[inline]
+    pub fn leave(&mut self) {
+        self.active -= 1;
+        self.publish();
+    }
+
+    /// Takes a slot for an admitted request (the caller checked there is room).
+    #[inline]
+    pub fn alloc(&mut self, req: IoRequest) -> u32 {
+        let idx = self.free.pop().expect("a free slot: in-flight requests are bounded by the depth");
+        self.slots[idx as usize] = Slot { req, ..Slot::EMPTY };
+        idx
+    }
+
+    /// Completes a request that never got a slot (already counted by `enter`).
+    #[inline]
+    pub fn fail_unslotted(&mut self, tag: u64, error: IoError) {
+        self.done.push(Completion { tag, result: Err(error) });
+        self.leave();
+    }
+
+    /// One piece of `slot` finished.
+    #[inline]
+    pub fn part_done(&mut self, slot: u32, result: Result<(), IoError>) {
+        let s = &mut self.slots[slot as usize];
+        if s.outstanding == 0 {
+            tracing::error!(slot, "a piece completed twice (target bug); ignored");
+            return;
+        }
+        s.outstanding -= 1;
+        if let Err(e) = result {
+            s.error.get_or_insert(e);
+        }
+        if s.issued && s.outstanding == 0 {
+            self.finish(slot);
+        }
+    }
+
+    /// Delivers the request's completion and frees its slot.
+    #[inline]
+    pub fn finish(&mut self, slot: u32) {
+        let s = &self.slots[slot as usize];
+        let result = match s.error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        };
+        self.done.push(Completion { tag: s.req.tag, result });
+        self.free.push(slot);
+        self.leave();
+    }
+
+    /// Submits to child `child`; counts it for reaping and kicking.
+    #[inline]
+    pub fn submit_child(&mut self, child: u32, req: IoRequest) -> Result<(), QueueFull> {
+        let c = &mut self.children[child as usize];
+        c.queue.submit(req)?;
+        c.outstanding += 1;
+        c.dirty = true;
+        Ok(())
+    }
+
+    /// Submits a target's internal I/O; it counts as work in flight for suspend.
+    #[inline]
+    pub fn submit_internal(&mut self, child: u32, req: IoRequest) -> Result<(), QueueFull> {
+        self.submit_child(child, req)?;
+        self.active += 1;
+        self.publish();
+        Ok(())
+    }
+
+    /// Kicks every child submitted to since the last kick.
+    #[inline]
+    pub fn kick_dirty(&mut self) {
+        for c in self.children.iter_mut() {
+            if c.dirty {
+                c.dirty = false;
+                c.queue.kick();
+            }
+        }
+    }
+}

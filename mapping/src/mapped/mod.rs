@@ -1,0 +1,196 @@
+//! A mapped device: the `BlockDevice` the registry creates, and its control-plane side
+//! of suspend/resume.
+//!
+//! # Admission and drain without a global lock
+//! The device's shared state is one atomic word: `generation << 2 | removed | suspended`.
+//! Every per-thread queue publishes its own `active` count (requests admitted and not
+//! finished, plus targets' internal I/O) in its own cache line. Admission is a Dekker
+//! handshake:
+//!
+//! ```text
+//!  queue (data path)                       control (suspend)
+//!  active += 1 (store)                     state |= SUSPENDED
+//!  fence(SeqCst)                           fence(SeqCst)
+//!  read state: suspended? undo, hold       wait until every queue's active == 0
+//! ```
+//!
+//! With both fences, either the queue sees the suspension (and holds the request, in
+//! order) or the control plane sees the queue's count (and waits for it). A table swap
+//! happens only while suspended and drained: `live` is stored first, then the state's
+//! generation is bumped; a queue that sees a new generation reloads `live` (its child
+//! queues and target queues) when it has nothing in flight, before admitting anything.
+
+pub(crate) mod context;
+pub(crate) mod io_core;
+pub(crate) mod queue;
+pub(crate) mod rings;
+
+use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use udm_drivers::{BlockDevice, DeviceError, DeviceInfo, IoQueue, MemoryRegion};
+
+use crate::table::Table;
+
+pub(crate) const SUSPENDED: u64 = 1;
+pub(crate) const REMOVED: u64 = 2;
+pub(crate) const GEN_SHIFT: u32 = 2;
+
+/// State shared by the device handle and all its queues.
+pub(crate) struct DeviceShared {
+    pub state: AtomicU64,
+    pub live: ArcSwapOption<Table>,
+    queues: Mutex<Vec<Weak<QueueShared>>>,
+    regions: Mutex<Vec<MemoryRegion>>,
+}
+
+/// One queue's published in-flight count, alone in its cache lines so that the owner's
+/// stores do not slow other queues down.
+#[repr(align(128))]
+pub(crate) struct QueueShared {
+    pub active: AtomicUsize,
+}
+
+/// A device whose sectors a table maps onto other devices. Cheap to clone (a handle).
+#[derive(Clone)]
+pub struct MappedDevice {
+    shared: Arc<DeviceShared>,
+}
+
+impl Default for MappedDevice {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MappedDevice {
+    /// A device with no table: I/O to it fails until a table is loaded and resumed.
+    pub fn new() -> Self {
+        MappedDevice {
+            shared: Arc::new(DeviceShared {
+                state: AtomicU64::new(0),
+                live: ArcSwapOption::empty(),
+                queues: Mutex::new(Vec::new()),
+                regions: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// The live table, if any.
+    pub fn live_table(&self) -> Option<Arc<Table>> {
+        self.shared.live.load_full()
+    }
+
+    /// Whether the device is suspended.
+    pub fn is_suspended(&self) -> bool {
+        self.shared.state.load(Ordering::Acquire) & SUSPENDED != 0
+    }
+
+    /// How many times the live table was replaced.
+    pub fn generation(&self) -> u64 {
+        self.shared.state.load(Ordering::Acquire) >> GEN_SHIFT
+    }
+
+    /// Stops admitting I/O: from now on new requests are held by their queues.
+    pub(crate) fn stop_admission(&self) {
+        self.shared.state.fetch_or(SUSPENDED, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+    }
+
+    /// Waits until no queue has admitted I/O in flight. The queues' owner threads must
+    /// keep polling (as they do in a reactor).
+    pub(crate) fn wait_drained(&self) {
+        let started = Instant::now();
+        let mut warned = false;
+        let queues: Vec<Weak<QueueShared>> = self.shared.queues.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for q in &queues {
+            // A queue dropped meanwhile has nothing left in flight that anyone waits for.
+            while q.upgrade().is_some_and(|q| q.active.load(Ordering::Acquire) != 0) {
+                if !warned && started.elapsed() > Duration::from_secs(5) {
+                    tracing::warn!("suspend still waiting for in-flight I/O after 5 s: is a queue's thread polling?");
+                    warned = true;
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+
+    /// Publishes `table` as live (the device must be suspended and drained).
+    pub(crate) fn publish(&self, table: Option<Arc<Table>>) {
+        debug_assert!(self.is_suspended());
+        self.shared.live.store(table);
+        self.shared.state.fetch_add(1 << GEN_SHIFT, Ordering::SeqCst);
+    }
+
+    /// Lets queues admit I/O again; they release what they held, in order.
+    pub(crate) fn start_admission(&self) {
+        self.shared.state.fetch_and(!SUSPENDED, Ordering::SeqCst);
+    }
+
+    /// Fails all held and future I/O with `DeviceGone` (forced removal).
+    pub(crate) fn mark_removed(&self) {
+        self.shared.state.fetch_or(REMOVED, Ordering::SeqCst);
+    }
+
+    /// Memory regions registered so far (to register with a newly loaded table).
+    pub(crate) fn regions(&self) -> Vec<MemoryRegion> {
+        self.shared.regions.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Number of queues currently open on the device.
+    pub fn open_queues(&self) -> usize {
+        let list = self.shared.queues.lock().unwrap_or_else(|e| e.into_inner());
+        list.iter().filter(|w| w.strong_count() > 0).count()
+    }
+}
+
+impl BlockDevice for MappedDevice {
+    fn info(&self) -> DeviceInfo {
+        match self.shared.live.load().as_ref() {
+            Some(t) => t.info.clone(),
+            None => {
+                let mut info = DeviceInfo::new(0, 512);
+                info.supports_discard = false;
+                info.supports_write_zeroes = false;
+                info
+            }
+        }
+    }
+
+    fn open_queue(&self, depth: usize) -> Result<Box<dyn IoQueue>, DeviceError> {
+        let qs = Arc::new(QueueShared { active: AtomicUsize::new(0) });
+        {
+            let mut list = self.shared.queues.lock().unwrap_or_else(|e| e.into_inner());
+            list.retain(|w| w.strong_count() > 0);
+            list.push(Arc::downgrade(&qs));
+        }
+        Ok(Box::new(queue::MappedQueue::new(Arc::clone(&self.shared), qs, depth.max(1))))
+    }
+
+    fn register_memory(&self, region: MemoryRegion) -> Result<(), DeviceError> {
+        if let Some(t) = self.shared.live.load_full() {
+            t.register_memory(region)?;
+        }
+        self.shared.regions.lock().unwrap_or_else(|e| e.into_inner()).push(region);
+        Ok(())
+    }
+
+    fn unregister_memory(&self, region: MemoryRegion) -> Result<(), DeviceError> {
+        self.shared.regions.lock().unwrap_or_else(|e| e.into_inner()).retain(|r| *r != region);
+        if let Some(t) = self.shared.live.load_full() {
+            t.unregister_memory(region)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for MappedDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MappedDevice")
+            .field("generation", &self.generation())
+            .field("suspended", &self.is_suspended())
+            .finish()
+    }
+}

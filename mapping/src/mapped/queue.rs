@@ -1,0 +1,406 @@
+//! The per-thread queue of a mapped device: admits requests (or holds them while the
+//! device is suspended), cuts them into pieces at segment and target boundaries, asks
+//! each target's per-thread queue where a piece goes, and merges the pieces'
+//! completions back into one per request.
+
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+
+use udm_drivers::validate::validate_request;
+use udm_drivers::{Completion, IoError, IoOp, IoQueue, IoRequest, QueueFull, SgList, SECTOR_SIZE};
+
+use crate::mapped::context::TargetContext;
+use crate::mapped::io_core::{Child, IoCore, INTERNAL, NO_SEGMENT};
+use crate::mapped::rings::FixedRing;
+use crate::mapped::{DeviceShared, QueueShared, GEN_SHIFT, REMOVED, SUSPENDED};
+use crate::table::Table;
+use crate::target::{DevIndex, MapOutcome, PartId, QueueSetup, TargetIo, TargetQueue};
+
+/// Completions reaped from a child per call.
+const REAP_BATCH: usize = 64;
+
+const NO_TABLE: IoError = IoError::Rejected { reason: "the device has no live table: load a table and resume it" };
+const REMOVED_ERR: IoError = IoError::DeviceGone { reason: "the mapped device was removed" };
+const BROKEN: IoError =
+    IoError::DeviceGone { reason: "a device below the table could not open a queue for this thread" };
+
+pub(crate) struct MappedQueue {
+    dev: Arc<DeviceShared>,
+    depth: usize,
+    /// The generation of `table`.
+    generation: u64,
+    /// Whether `generation` has been loaded at all (a fresh queue loads on first use).
+    loaded: bool,
+    table: Option<Arc<Table>>,
+    /// Opening the table's queues failed on this thread: all I/O fails.
+    broken: bool,
+    targets: Vec<Box<dyn TargetQueue>>,
+    /// Segments whose target queue wants every poll.
+    polled: Vec<u32>,
+    io: IoCore,
+    held: FixedRing<IoRequest>,
+    reaped: Box<[Completion]>,
+}
+
+impl MappedQueue {
+    pub fn new(dev: Arc<DeviceShared>, shared: Arc<QueueShared>, depth: usize) -> Self {
+        MappedQueue {
+            dev,
+            depth,
+            generation: 0,
+            loaded: false,
+            table: None,
+            broken: false,
+            targets: Vec::new(),
+            polled: Vec::new(),
+            io: IoCore::new(depth, shared),
+            held: FixedRing::new(depth),
+            reaped: vec![Completion::EMPTY; REAP_BATCH].into_boxed_slice(),
+        }
+    }
+
+    /// Whether nothing is in flight for the current table, so it may be replaced.
+    fn idle(&self) -> bool {
+        self.io.active() == 0 && self.io.blocked.is_empty() && self.targets.iter().all(|t| t.is_idle())
+    }
+
+    /// Loads the live table published with `generation`, reusing the child queues of
+    /// devices that stay. Runs only when idle; allocates (once per table change).
+    fn switch_table(&mut self, generation: u64) {
+        self.generation = generation;
+        self.loaded = true;
+        self.table = self.dev.live.load_full();
+        self.targets.clear();
+        self.polled.clear();
+        self.broken = false;
+        let mut old: Vec<Child> = std::mem::take(&mut self.io.children);
+        let Some(table) = self.table.clone() else { return };
+        for d in table.devices.iter() {
+            if let Some(pos) = old.iter().position(|c| c.id == d.id && Arc::ptr_eq(&c.device, &d.device)) {
+                self.io.children.push(old.swap_remove(pos));
+                continue;
+            }
+            match d.device.open_queue(self.depth) {
+                Ok(queue) => self.io.children.push(Child {
+                    id: d.id,
+                    device: Arc::clone(&d.device),
+                    queue,
+                    outstanding: 0,
+                    dirty: false,
+                }),
+                Err(e) => {
+                    tracing::error!(device = %d.name.get(), error = %e, "cannot open a queue below a mapped device");
+                    self.broken = true;
+                    return;
+                }
+            }
+        }
+        for (i, seg) in table.segments.iter().enumerate() {
+            let infos: Vec<_> = seg.devices.iter().map(|d| d.device().info()).collect();
+            match seg.target.open_queue(&QueueSetup { depth: self.depth, devices: &infos }) {
+                Ok(q) => {
+                    if q.needs_poll() {
+                        self.polled.push(i as u32);
+                    }
+                    self.targets.push(q);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "a target could not open its per-thread queue");
+                    self.broken = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Admits `req` or hands it back to be held (suspended, or a new table not yet
+    /// switched to because work for the old one is in flight).
+    fn try_admit(&mut self, req: IoRequest) -> Result<(), IoRequest> {
+        loop {
+            self.io.enter();
+            fence(Ordering::SeqCst);
+            let state = self.dev.state.load(Ordering::Acquire);
+            let generation = state >> GEN_SHIFT;
+            if state & REMOVED != 0 {
+                self.io.fail_unslotted(req.tag, REMOVED_ERR);
+                return Ok(());
+            }
+            if state & SUSPENDED != 0 {
+                self.io.leave();
+                return Err(req);
+            }
+            if !self.loaded || generation != self.generation {
+                self.io.leave();
+                if !self.idle() {
+                    return Err(req);
+                }
+                self.switch_table(generation);
+                continue;
+            }
+            return {
+                self.start(req);
+                Ok(())
+            };
+        }
+    }
+
+    /// Starts an admitted request (counted by `enter`).
+    fn start(&mut self, req: IoRequest) {
+        let Some(table) = self.table.as_ref() else {
+            self.io.fail_unslotted(req.tag, NO_TABLE);
+            return;
+        };
+        if self.broken {
+            self.io.fail_unslotted(req.tag, BROKEN);
+            return;
+        }
+        if let Err(e) = validate_request(&table.info, &req) {
+            self.io.fail_unslotted(req.tag, e);
+            return;
+        }
+        let slot = self.io.alloc(req);
+        issue(table, &mut self.targets, &mut self.io, slot);
+    }
+
+    /// Admits held requests in order while the device admits.
+    fn release_held(&mut self) {
+        while let Some(req) = self.held.front() {
+            if self.try_admit(req).is_err() {
+                return;
+            }
+            self.held.pop();
+        }
+    }
+
+    /// Reaps every child with pieces or internal I/O out.
+    fn reap_children(&mut self) {
+        let Some(table) = self.table.clone() else { return };
+        for ci in 0..self.io.children.len() {
+            loop {
+                if self.io.children[ci].outstanding == 0 {
+                    break;
+                }
+                let n = self.io.children[ci].queue.poll(&mut self.reaped);
+                if n == 0 {
+                    break;
+                }
+                self.io.children[ci].outstanding -= n;
+                for k in 0..n {
+                    let c = self.reaped[k];
+                    self.route(&table, ci as u32, c);
+                }
+                if n < self.reaped.len() {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Sends one child completion to the piece or target it belongs to.
+    #[inline]
+    fn route(&mut self, table: &Table, child: u32, c: Completion) {
+        let segment = ((c.tag >> 32) & 0x7fff_ffff) as u32;
+        if c.tag & INTERNAL != 0 {
+            self.io.leave();
+            let seg = &table.segments[segment as usize];
+            let mut ctx = TargetContext { io: &mut self.io, dev_map: &seg.dev_map, segment };
+            self.targets[segment as usize].child_done(c.tag as u32, c.result, &mut ctx);
+            return;
+        }
+        if let Err(e) = c.result {
+            if segment != NO_SEGMENT {
+                let seg = &table.segments[segment as usize];
+                if let Some(pos) = seg.dev_map.iter().position(|&x| x == child) {
+                    seg.target.remap_error(DevIndex(pos as u16), e);
+                }
+            }
+        }
+        self.io.part_done(c.tag as u32, c.result);
+    }
+
+    fn poll_targets(&mut self) {
+        let Some(table) = self.table.clone() else { return };
+        for i in 0..self.polled.len() {
+            let segment = self.polled[i];
+            let seg = &table.segments[segment as usize];
+            let mut ctx = TargetContext { io: &mut self.io, dev_map: &seg.dev_map, segment };
+            self.targets[segment as usize].poll(&mut ctx);
+        }
+    }
+
+    fn retry_blocked(&mut self) {
+        let Some(table) = self.table.clone() else { return };
+        for _ in 0..self.io.blocked.len() {
+            let Some(slot) = self.io.blocked.pop() else { break };
+            issue(&table, &mut self.targets, &mut self.io, slot);
+        }
+    }
+}
+
+/// Issues pieces of request `slot` until it is fully issued or a child queue is full
+/// (then the slot waits in `io.blocked` and continues from `poll`).
+#[inline]
+fn issue(table: &Table, targets: &mut [Box<dyn TargetQueue>], io: &mut IoCore, slot: u32) {
+    loop {
+        if let Some((child, creq)) = io.slots[slot as usize].pending.take() {
+            if let Err(QueueFull(r)) = io.submit_child(child, creq) {
+                io.slots[slot as usize].pending = Some((child, r));
+                io.blocked.push(slot);
+                return;
+            }
+        }
+        let s = io.slots[slot as usize];
+        let Some((segment, io_piece)) = next_piece(table, &s, slot) else { break };
+        {
+            let s = &mut io.slots[slot as usize];
+            s.cursor += if s.req.op == IoOp::Flush { 1 } else { io_piece.sectors };
+            s.seg_hint = if segment == NO_SEGMENT { s.seg_hint } else { segment };
+            s.outstanding += 1;
+        }
+        let req = s.req;
+        if segment == NO_SEGMENT {
+            // A table-wide flush of one distinct device below.
+            let child = table.flush_children[s.cursor as usize];
+            let creq = IoRequest { tag: (u64::from(NO_SEGMENT) << 32) | u64::from(slot), ..IoRequest::flush(0) };
+            if let Err(QueueFull(r)) = io.submit_child(child, creq) {
+                io.slots[slot as usize].pending = Some((child, r));
+                io.blocked.push(slot);
+                return;
+            }
+            continue;
+        }
+        let seg = &table.segments[segment as usize];
+        let mut ctx = TargetContext { io, dev_map: &seg.dev_map, segment };
+        match targets[segment as usize].map(&io_piece, &mut ctx) {
+            MapOutcome::Remap { dev, sector } => {
+                let child = seg.dev_map[dev.0 as usize];
+                let creq = IoRequest {
+                    op: req.op,
+                    sector: if req.op == IoOp::Flush { 0 } else { sector },
+                    sectors: io_piece.sectors,
+                    sg: io_piece.sg,
+                    fua: io_piece.fua,
+                    tag: (u64::from(segment) << 32) | u64::from(slot),
+                };
+                if let Err(QueueFull(r)) = io.submit_child(child, creq) {
+                    io.slots[slot as usize].pending = Some((child, r));
+                    io.blocked.push(slot);
+                    return;
+                }
+            }
+            MapOutcome::Done(result) => io.part_done(slot, result),
+            MapOutcome::Accepted => {}
+        }
+    }
+    let s = &mut io.slots[slot as usize];
+    s.issued = true;
+    if s.outstanding == 0 {
+        io.finish(slot);
+    }
+}
+
+/// The next piece of a request: its segment (or `NO_SEGMENT` for a table-wide device
+/// flush) and what to hand the target; `None` once everything is issued.
+#[inline]
+fn next_piece(table: &Table, s: &crate::mapped::io_core::Slot, slot: u32) -> Option<(u32, TargetIo)> {
+    let req = &s.req;
+    if req.op == IoOp::Flush {
+        let step = s.cursor as usize;
+        let devices = table.flush_children.len();
+        if step < devices {
+            let io = TargetIo {
+                op: IoOp::Flush,
+                offset: 0,
+                sectors: 0,
+                sg: SgList::empty(),
+                fua: req.fua,
+                part: PartId(slot),
+                flush_index: 0,
+            };
+            return Some((NO_SEGMENT, io));
+        }
+        let &(segment, index) = table.flush_maps.get(step - devices)?;
+        let io = TargetIo {
+            op: IoOp::Flush,
+            offset: 0,
+            sectors: 0,
+            sg: SgList::empty(),
+            fua: req.fua,
+            part: PartId(slot),
+            flush_index: index,
+        };
+        return Some((segment, io));
+    }
+    if s.cursor >= req.sectors {
+        return None;
+    }
+    let sector = req.sector + s.cursor;
+    let hint = s.seg_hint as usize;
+    let segment = match table.segments.get(hint) {
+        Some(seg) if seg.start <= sector && sector < seg.start + seg.length => hint,
+        _ => match table.segments.get(hint + 1) {
+            Some(seg) if seg.start <= sector && sector < seg.start + seg.length => hint + 1,
+            _ => table.lookup(sector),
+        },
+    };
+    let seg = &table.segments[segment];
+    let offset = sector - seg.start;
+    let mut len = (req.sectors - s.cursor).min(seg.length - offset);
+    let boundary = seg.boundary.load(Ordering::Relaxed);
+    if boundary != 0 {
+        len = len.min(boundary - offset % boundary);
+    }
+    let sg = if req.op.has_data() {
+        req.sg.slice((s.cursor * SECTOR_SIZE) as usize, (len * SECTOR_SIZE) as usize)
+    } else {
+        SgList::empty()
+    };
+    let io = TargetIo { op: req.op, offset, sectors: len, sg, fua: req.fua, part: PartId(slot), flush_index: 0 };
+    Some((segment as u32, io))
+}
+
+impl IoQueue for MappedQueue {
+    fn submit(&mut self, req: IoRequest) -> Result<(), QueueFull> {
+        if self.in_flight() >= self.depth {
+            return Err(QueueFull(req));
+        }
+        if !self.held.is_empty() {
+            self.release_held();
+            if !self.held.is_empty() {
+                self.held.push(req);
+                return Ok(());
+            }
+        }
+        if let Err(req) = self.try_admit(req) {
+            self.held.push(req);
+        }
+        Ok(())
+    }
+
+    fn kick(&mut self) {
+        self.io.kick_dirty();
+    }
+
+    fn poll(&mut self, out: &mut [Completion]) -> usize {
+        self.reap_children();
+        if !self.polled.is_empty() {
+            self.poll_targets();
+        }
+        if !self.io.blocked.is_empty() {
+            self.retry_blocked();
+        }
+        if !self.held.is_empty() {
+            self.release_held();
+        }
+        self.io.kick_dirty();
+        self.io.done.drain_into(out)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.io.slots_in_use() + self.held.len() + self.io.done.len()
+    }
+
+    fn depth(&self) -> usize {
+        self.depth
+    }
+}

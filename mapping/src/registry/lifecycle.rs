@@ -1,0 +1,247 @@
+//! The kernel's lifecycle of a mapped device (spec §1.2): create, load, suspend, resume,
+//! clear, remove, rename.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use udm_drivers::BlockDevice;
+
+use crate::error::MappingError;
+use crate::mapped::MappedDevice;
+use crate::registry::load::build_table;
+use crate::registry::names::{validate_name, validate_uuid};
+use crate::registry::{Entry, MappedEntry, Registry, SuspendFlags};
+use crate::table::Table;
+use crate::target::{EventCounter, SharedName};
+
+impl Registry {
+    /// Creates the mapped device `name`. With a table, loads it and resumes (dmsetup's
+    /// three steps); if the table is refused the device is not created. Without one,
+    /// the device exists with no table and I/O to it fails until load + resume.
+    pub fn create(&self, name: &str, uuid: Option<&str>, table: Option<&str>) -> Result<(), MappingError> {
+        validate_name(name)?;
+        if let Some(u) = uuid {
+            validate_uuid(u)?;
+        }
+        {
+            let mut st = self.lock();
+            if st.entries.contains_key(name) {
+                return Err(MappingError::AlreadyExists(name.to_string()));
+            }
+            if let Some(u) = uuid {
+                if st.entries.values().any(|e| e.uuid.as_deref() == Some(u)) {
+                    return Err(MappingError::InvalidUuid { uuid: u.to_string(), reason: "another device has it" });
+                }
+            }
+            let dev = MappedDevice::new();
+            let block: Arc<dyn BlockDevice> = Arc::new(dev.clone());
+            let id = st.new_id();
+            st.entries.insert(
+                name.to_string(),
+                Entry {
+                    id,
+                    name: SharedName::new(name),
+                    uuid: uuid.map(str::to_string),
+                    opens: Arc::new(AtomicUsize::new(0)),
+                    block,
+                    mapped: Some(MappedEntry { dev, inactive: None, events: EventCounter::default() }),
+                },
+            );
+        }
+        let Some(text) = table else { return Ok(()) };
+        let result = self.load(name, text).and_then(|()| self.resume(name));
+        if result.is_err() {
+            let mut st = self.lock();
+            if let Some(e) = st.entries.remove(name) {
+                if let Some(m) = e.mapped {
+                    destroy_all(&m);
+                    m.dev.mark_removed();
+                }
+            }
+        }
+        result
+    }
+
+    /// Builds `text` into the inactive slot of `name` (replacing a staged table). Live
+    /// I/O is unaffected; `resume` makes it live. A refused table changes nothing.
+    pub fn load(&self, name: &str, text: &str) -> Result<(), MappingError> {
+        let types = self.types.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut st = self.lock();
+        let entry = st.get(name)?;
+        let Some(m) = &entry.mapped else { return Err(MappingError::NotMapped(name.to_string())) };
+        let table = build_table(&st, &types, &self.extensions, name, entry.id, &m.events, text)
+            .map_err(|source| MappingError::Table { name: name.to_string(), source: Box::new(source) })?;
+        for region in m.dev.regions() {
+            if let Err(source) = table.register_memory(region) {
+                table.for_each_target(|t| t.destroy());
+                return Err(MappingError::Device { name: name.to_string(), source });
+            }
+        }
+        let m = st.get_mapped_mut(name)?;
+        if let Some(old) = m.inactive.replace(Arc::new(table)) {
+            old.for_each_target(|t| t.destroy());
+        }
+        Ok(())
+    }
+
+    /// Discards the inactive table.
+    pub fn clear(&self, name: &str) -> Result<(), MappingError> {
+        let mut st = self.lock();
+        let m = st.get_mapped_mut(name)?;
+        match m.inactive.take() {
+            Some(t) => {
+                t.for_each_target(|t| t.destroy());
+                Ok(())
+            }
+            None => Err(MappingError::NoInactiveTable(name.to_string())),
+        }
+    }
+
+    /// Suspends `name`: pre-suspend hooks, stop admitting (new I/O is held, in order),
+    /// wait for all I/O in flight, flush the devices below (unless `noflush`),
+    /// post-suspend hooks. Suspending a suspended device does nothing. The threads that
+    /// own queues on the device must keep polling for the drain to finish.
+    pub fn suspend(&self, name: &str, flags: SuspendFlags) -> Result<(), MappingError> {
+        let st = self.lock();
+        let m = st.get_mapped(name)?;
+        suspend_device(&m.dev, flags);
+        Ok(())
+    }
+
+    /// Resumes `name`. With an inactive table: suspends first if needed, runs the new
+    /// table's pre-resume hooks (a refusal leaves the device suspended and the inactive
+    /// table staged), swaps it live, destroys the old one. Then resume hooks, and the
+    /// held I/O is released, mapped by the live table. Without one: a plain resume.
+    pub fn resume(&self, name: &str) -> Result<(), MappingError> {
+        let mut st = self.lock();
+        let m = st.get_mapped_mut(name)?;
+        let veto = |source| MappingError::Target { name: name.to_string(), source: Box::new(source) };
+        match m.inactive.clone() {
+            Some(new) => {
+                suspend_device(&m.dev, SuspendFlags::default());
+                preresume(&new).map_err(veto)?;
+                m.inactive = None;
+                let old = m.dev.live_table();
+                m.dev.publish(Some(Arc::clone(&new)));
+                if let Some(old) = old {
+                    old.for_each_target(|t| t.destroy());
+                }
+                finish_resume(&m.dev, &new);
+            }
+            None => {
+                if !m.dev.is_suspended() {
+                    return Ok(());
+                }
+                if let Some(live) = m.dev.live_table() {
+                    preresume(&live).map_err(veto)?;
+                    finish_resume(&m.dev, &live);
+                } else {
+                    m.dev.start_admission();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes `name`. Refused while another device's table uses it or an
+    /// [`crate::registry::OpenDevice`] is open, unless `force`: then the device
+    /// disappears from the namespace, its held and future I/O fail (`DeviceGone`), and
+    /// tables still referring to it keep a handle that fails I/O.
+    pub fn remove(&self, name: &str, force: bool) -> Result<(), MappingError> {
+        let mut st = self.lock();
+        let e = st.get(name)?;
+        if !force {
+            let holders = st.holders_of(e.id);
+            let opens = e.opens.load(Ordering::Acquire);
+            if !holders.is_empty() {
+                return Err(MappingError::Busy {
+                    name: name.to_string(),
+                    reason: format!("used by the table of {}", holders.join(", ")),
+                });
+            }
+            if opens > 0 {
+                return Err(MappingError::Busy { name: name.to_string(), reason: format!("open {opens} time(s)") });
+            }
+        }
+        let e = st.entries.remove(name).expect("looked up above");
+        if let Some(m) = e.mapped {
+            m.dev.mark_removed();
+            if !m.dev.is_suspended() {
+                m.dev.stop_admission();
+                m.dev.wait_drained();
+            }
+            destroy_all(&m);
+            m.dev.publish(None);
+        }
+        Ok(())
+    }
+
+    /// Renames `old` to `new`; tables referring to it print the new name from now on.
+    pub fn rename(&self, old: &str, new: &str) -> Result<(), MappingError> {
+        validate_name(new)?;
+        let mut st = self.lock();
+        st.get(old)?;
+        if old == new {
+            return Ok(());
+        }
+        if st.entries.contains_key(new) {
+            return Err(MappingError::AlreadyExists(new.to_string()));
+        }
+        let e = st.entries.remove(old).expect("looked up above");
+        e.name.set(new);
+        st.entries.insert(new.to_string(), e);
+        Ok(())
+    }
+}
+
+/// Suspends one mapped device (see [`Registry::suspend`]).
+fn suspend_device(dev: &MappedDevice, flags: SuspendFlags) {
+    if dev.is_suspended() {
+        return;
+    }
+    let live = dev.live_table();
+    if let Some(t) = &live {
+        t.for_each_target(|t| t.presuspend());
+    }
+    dev.stop_admission();
+    dev.wait_drained();
+    if let Some(t) = &live {
+        if !flags.noflush {
+            for d in t.devices.iter() {
+                if d.device.info().volatile_cache {
+                    if let Err(e) = crate::sync_io::flush(d.device.as_ref()) {
+                        tracing::warn!(device = %d.name.get(), error = %e, "flush during suspend failed");
+                    }
+                }
+            }
+        }
+        t.for_each_target(|t| t.postsuspend());
+    }
+}
+
+fn preresume(table: &Table) -> Result<(), crate::error::TargetError> {
+    let mut result = Ok(());
+    table.for_each_target(|t| {
+        if result.is_ok() {
+            result = t.preresume();
+        }
+    });
+    result
+}
+
+/// Resume hooks, fresh split boundaries, then admission (which releases held I/O).
+fn finish_resume(dev: &MappedDevice, live: &Table) {
+    live.for_each_target(|t| t.resume());
+    live.refresh_boundaries();
+    dev.start_admission();
+}
+
+/// Destroys both tables of a mapped entry being removed.
+fn destroy_all(m: &MappedEntry) {
+    if let Some(t) = m.dev.live_table() {
+        t.for_each_target(|t| t.destroy());
+    }
+    if let Some(t) = &m.inactive {
+        t.for_each_target(|t| t.destroy());
+    }
+}
