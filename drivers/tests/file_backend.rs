@@ -104,6 +104,21 @@ fn many_requests_in_flight_and_queue_full_hands_back() {
 }
 
 #[test]
+fn a_queue_opened_on_one_thread_works_on_another() {
+    let img = image(1 << 20);
+    let dev = FileDevice::open(img.path(), &FileOptions::default()).unwrap();
+    let mut q = dev.open_queue(4).unwrap();
+    let unused = dev.open_queue(4).unwrap();
+    std::thread::spawn(move || {
+        assert_eq!(write_pattern(&mut *q, 8, 8, 6), Ok(()));
+        assert_eq!(first_mismatch(&read_back(&mut *q, 8, 8), 8, 6), None);
+        drop(unused);
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
 fn every_error_path_fails_the_request_not_the_queue() {
     let img = image(1 << 20);
     let dev = FileDevice::open(img.path(), &FileOptions { block_size: Some(4096), ..FileOptions::default() }).unwrap();

@@ -267,7 +267,6 @@ pub fn run(args: &BenchArgs) -> Result<Report, BenchError> {
     let cpu0 = cpu_times();
     let live = std::io::stderr().is_terminal() && args.time > Duration::from_secs(2) && !args.json;
     progress::show(&shared.progress, &shared.finished, args.time, bs, live);
-    let seconds = t0.elapsed().as_secs_f64();
     let cpu1 = cpu_times();
 
     let mut outcomes = Vec::with_capacity(threads);
@@ -283,6 +282,9 @@ pub fn run(args: &BenchArgs) -> Result<Report, BenchError> {
     if let Some(e) = first_error {
         return Err(e);
     }
+    // From the common start to the last thread's drain.
+    let seconds = outcomes.iter().filter_map(|o| o.timed_end).max().map_or(0.0, |end| (end - t0).as_secs_f64());
+    let seconds = seconds.max(1e-6);
     let mut merged = outcomes.pop().expect("at least one thread");
     for o in outcomes {
         merged.reads += o.reads;

@@ -1,5 +1,11 @@
 //! One io_uring per queue. Slot `i` of the queue owns user_data `i` and `SLOT_IOVECS`
 //! iovecs of a preallocated array, so nothing is allocated per request.
+//!
+//! Where the kernel allows (6.1+), the ring is single-issuer with deferred task work:
+//! completions are posted only when the owning thread polls, so a polling thread is
+//! never interrupted to post them. The ring is created disabled and bound to the first
+//! thread that kicks or polls the queue; a queue may move to its thread after
+//! `open_queue` but must stay there afterwards, as the I/O contract asks.
 
 use std::fs::File;
 use std::io;
@@ -53,6 +59,8 @@ pub(super) struct FileQueue {
     rejected: CompletionRing,
     /// Entries pushed to the submission ring that the kernel has not taken yet.
     unsubmitted: usize,
+    /// The ring waits to be enabled by the thread that uses it.
+    disabled: bool,
     depth: usize,
     info: DeviceInfo,
     kind: FileKind,
@@ -101,15 +109,30 @@ impl FileQueue {
     ) -> Result<Self, DeviceError> {
         let depth = depth.clamp(1, MAX_DEPTH);
         let entries = depth.next_power_of_two() as u32;
-        let ring = IoUring::builder()
-            // Completions that need task work only flag it instead of interrupting the
-            // polling thread; `poll` enters the kernel when the flag is up.
-            .setup_coop_taskrun()
+        // Completion work is deferred to our own `poll` (no interrupts of the polling
+        // thread) and flagged in the shared ring; that needs a single submitting thread,
+        // fixed when the ring is enabled on first use (queues move to their thread
+        // after opening). Older kernels get cooperative task work, or plain rings.
+        let (ring, disabled) = match IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
             .setup_taskrun_flag()
+            .setup_r_disabled()
             .setup_cqsize(entries * 2)
             .build(entries)
-            .or_else(|_| IoUring::builder().setup_cqsize(entries * 2).build(entries))
-            .map_err(ring_error)?;
+        {
+            Ok(r) => (r, true),
+            Err(_) => (
+                IoUring::builder()
+                    .setup_coop_taskrun()
+                    .setup_taskrun_flag()
+                    .setup_cqsize(entries * 2)
+                    .build(entries)
+                    .or_else(|_| IoUring::builder().setup_cqsize(entries * 2).build(entries))
+                    .map_err(ring_error)?,
+                false,
+            ),
+        };
         ring.submitter()
             .register_files(&[file.as_raw_fd()])
             .map_err(|e| DeviceError::io("cannot register the file with io_uring", e))?;
@@ -122,6 +145,7 @@ impl FileQueue {
                 .into_boxed_slice(),
             rejected: CompletionRing::new(depth),
             unsubmitted: 0,
+            disabled,
             depth,
             info,
             kind,
@@ -244,6 +268,13 @@ impl FileQueue {
 
     /// One `io_uring_enter` for everything pushed (and for pending task work).
     fn enter(&mut self) {
+        if self.disabled {
+            if let Err(e) = self.ring.submitter().register_enable_rings() {
+                tracing::error!("cannot enable the io_uring: {e}");
+                return;
+            }
+            self.disabled = false;
+        }
         match self.ring.submit() {
             Ok(n) => self.unsubmitted = self.unsubmitted.saturating_sub(n),
             // Out of kernel resources for now: the entries stay in the ring and the next
@@ -384,6 +415,9 @@ impl Drop for FileQueue {
     /// The kernel may still be reading or writing the slots' iovecs and the submitters'
     /// buffers: wait for every request before the memory goes away.
     fn drop(&mut self) {
+        if self.disabled {
+            return; // never entered: nothing reached the kernel
+        }
         while self.busy_slots() > 0 {
             if let Err(e) = self.ring.submit_and_wait(1) {
                 if e.raw_os_error() != Some(libc::EINTR) {
@@ -396,5 +430,20 @@ impl Drop for FileQueue {
                 let _ = self.complete(cqe.user_data() as usize, cqe.result());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_without_io_uring_gets_an_unavailable_error_that_says_why() {
+        for (errno, needle) in [(libc::ENOSYS, "Linux 5.6"), (libc::EPERM, "io_uring_disabled")] {
+            let e = ring_error(io::Error::from_raw_os_error(errno));
+            assert!(matches!(e, DeviceError::Unavailable { what: "io_uring", .. }), "{e:?}");
+            assert!(e.to_string().contains(needle), "{e}");
+        }
+        assert!(matches!(ring_error(io::Error::from_raw_os_error(libc::ENOMEM)), DeviceError::Io { .. }));
     }
 }
