@@ -128,7 +128,8 @@ pub fn whole_device_integrity(dev: Arc<dyn BlockDevice>, threads: usize, chunk: 
                 // The last thread also covers the tail the division left over.
                 let region = |t: usize| {
                     let start = t as u64 * per_thread;
-                    let end = if t == threads - 1 { sectors / chunk_sectors * chunk_sectors } else { start + per_thread };
+                    let end =
+                        if t == threads - 1 { sectors / chunk_sectors * chunk_sectors } else { start + per_thread };
                     start..end
                 };
                 let mine = region(t);

@@ -225,7 +225,11 @@ pub fn run(args: &BenchArgs) -> Result<Report, BenchError> {
         return Err(BenchError::Usage(format!(
             "the device holds {nblocks} blocks of {bs} bytes: too few for {threads} thread(s){}; \
              use a bigger device, a smaller --bs, --qd or --threads",
-            if args.verify { format!(" with --verify at --qd {qd} (each thread needs more blocks than --qd)") } else { String::new() }
+            if args.verify {
+                format!(" with --verify at --qd {qd} (each thread needs more blocks than --qd)")
+            } else {
+                String::new()
+            }
         )));
     }
 

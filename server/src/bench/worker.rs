@@ -233,7 +233,10 @@ impl Worker {
         let mut done: u64 = 0;
         loop {
             let now = clock.now();
-            if issuing && (shared.stop.load(Ordering::Relaxed) || matches!(phase, Phase::Timed { deadline } if now >= deadline)) {
+            if issuing
+                && (shared.stop.load(Ordering::Relaxed)
+                    || matches!(phase, Phase::Timed { deadline } if now >= deadline))
+            {
                 issuing = false;
             }
             while issuing {
@@ -289,14 +292,7 @@ impl Worker {
             }
             self.slot_generation[slot] = *g;
         }
-        IoRequest {
-            op,
-            sector,
-            sectors: self.job.bs_sectors,
-            sg: self.lists[slot],
-            fua: false,
-            tag: slot as u64,
-        }
+        IoRequest { op, sector, sectors: self.job.bs_sectors, sg: self.lists[slot], fua: false, tag: slot as u64 }
     }
 
     /// Takes back what `prepare` and `next_io` marked for a request the queue refused.

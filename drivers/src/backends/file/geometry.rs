@@ -80,13 +80,7 @@ impl Geometry {
                 raw_bytes - bytes
             );
         }
-        Ok(Geometry {
-            kind,
-            bytes,
-            logical_block_size: logical,
-            physical_block_size: physical.max(logical),
-            discard,
-        })
+        Ok(Geometry { kind, bytes, logical_block_size: logical, physical_block_size: physical.max(logical), discard })
     }
 
     /// The device description these facts make.

@@ -44,10 +44,9 @@ pub(super) fn open_with_fallback(
 fn open_error(path: &Path, options: &FileOptions, e: io::Error) -> DeviceError {
     let mode = if options.read_only { "reading" } else { "reading and writing" };
     let hint = match e.kind() {
-        io::ErrorKind::NotFound => format!(
-            " (create it first, e.g. `truncate -s 1G {}`, or name an existing block device)",
-            path.display()
-        ),
+        io::ErrorKind::NotFound => {
+            format!(" (create it first, e.g. `truncate -s 1G {}`, or name an existing block device)", path.display())
+        }
         io::ErrorKind::PermissionDenied if !options.read_only => {
             " (check its permissions, or open it read-only with `,ro`)".to_string()
         }

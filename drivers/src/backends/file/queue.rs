@@ -137,7 +137,11 @@ impl FileQueue {
         let entry = match req.op {
             IoOp::Read | IoOp::Write => {
                 let total = req.sg.len() as u64;
-                let sg = if slot.done == 0 { req.sg } else { req.sg.slice(slot.done as usize, (total - slot.done) as usize) };
+                let sg = if slot.done == 0 {
+                    req.sg
+                } else {
+                    req.sg.slice(slot.done as usize, (total - slot.done) as usize)
+                };
                 let flags = if req.op == IoOp::Write && req.fua { libc::RWF_DSYNC } else { 0 };
                 self.rw_entry(idx, req.op, sg, offset, flags)?
             }
@@ -164,7 +168,14 @@ impl FileQueue {
     /// A read or write of `sg` at byte `offset`: one buffer, the caller's own segment
     /// array, or a copy of the window's pieces into the slot's iovecs.
     #[inline]
-    fn rw_entry(&mut self, idx: usize, op: IoOp, sg: SgList, offset: u64, flags: i32) -> Result<squeue::Entry, IoError> {
+    fn rw_entry(
+        &mut self,
+        idx: usize,
+        op: IoOp,
+        sg: SgList,
+        offset: u64,
+        flags: i32,
+    ) -> Result<squeue::Entry, IoError> {
         let mut chunks = sg.chunks();
         let (first, first_len) = chunks.next().ok_or(IoError::BadBuffer { reason: "empty scatter-gather list" })?;
         if first_len == sg.len() {
