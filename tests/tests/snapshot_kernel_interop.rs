@@ -189,15 +189,10 @@ sync
     let k_cows_after: Vec<Vec<u8>> = k_cows.iter().map(|p| std::fs::read(p).unwrap()).collect();
     assert_eq!(hex_sha256(&k_origin_after), line("kb sha "), "the kernel's origin disk");
     let reg = udm_stack(&k_origin_after, &k_cows_after);
-    for i in 0..3 {
+    for (i, chunk) in CHUNKS.iter().enumerate() {
         let name = format!("s{i}");
         let view = read_all(reg.device(&name).unwrap().as_ref());
-        assert_eq!(
-            hex_sha256(&view),
-            line(&format!("k{i} sha ")),
-            "udm's view of kernel snapshot {i} (chunk {})",
-            CHUNKS[i]
-        );
+        assert_eq!(hex_sha256(&view), line(&format!("k{i} sha ")), "udm's view of kernel snapshot {i} (chunk {chunk})");
         assert_eq!(status_args(&reg, &name), line(&format!("k{i} status ")), "udm's status of kernel snapshot {i}");
     }
 }
