@@ -6,6 +6,7 @@
 //! | `mem:64M[,bs=4096]` | [`MemDevice`]: a RAM disk |
 //! | `file:/path[,ro][,direct=off][,bs=4096]` | [`FileDevice`]: a file or block device via io_uring |
 //! | `fault:<faults>@<spec>` | [`FaultDevice`] over any other spec |
+//! | `nvme:0000:00:04.0/1[,timeout-ms=N][,shadow=off]` | namespace 1 of an NVMe controller bound to vfio-pci ([`crate::nvme`]) |
 //!
 //! The faults are comma-separated: `fail-after=N` (every request fails after N writes),
 //! `power-loss=N[,seed=S]` (write N is torn, later writes dropped), `corrupt=SECTOR`
@@ -46,6 +47,17 @@ pub enum BackendSpec {
         path: PathBuf,
         /// How to open it.
         options: FileOptions,
+    },
+    /// `nvme:<PCI address>[/<namespace>][,timeout-ms=N][,shadow=off]`
+    Nvme {
+        /// The controller's PCI address, in full form.
+        bdf: String,
+        /// The namespace (1 when not given).
+        nsid: u32,
+        /// I/O command timeout in milliseconds (default 30000).
+        timeout_ms: Option<u64>,
+        /// Use shadow doorbells when offered (default on).
+        shadow_doorbells: bool,
     },
     /// `fault:<faults>@<inner spec>`
     Fault {
@@ -138,8 +150,35 @@ impl BackendSpec {
                 };
                 BackendSpec::File { path: PathBuf::from(arg), options: FileOptions { read_only, direct, block_size } }
             }
+            "nvme" => {
+                let (bdf, nsid) = match arg.split_once('/') {
+                    Some((b, n)) => (b, n.parse().map_err(|_| bad(spec, format!("`{n}` is not a namespace number")))?),
+                    None => (arg, 1),
+                };
+                let bdf = crate::nvme::vfio::normalize_bdf(bdf).map_err(|e| bad(spec, e.to_string()))?;
+                if nsid == 0 {
+                    return Err(bad(spec, "namespaces are numbered from 1"));
+                }
+                let timeout_ms = match opts.take("timeout-ms") {
+                    None => None,
+                    Some(v) => Some(
+                        v.and_then(|v| v.parse().ok())
+                            .filter(|&t| t > 0)
+                            .ok_or_else(|| bad(spec, "timeout-ms needs a positive number of milliseconds"))?,
+                    ),
+                };
+                let shadow_doorbells = match opts.take("shadow") {
+                    None | Some(Some("on")) => true,
+                    Some(Some("off")) => false,
+                    Some(_) => return Err(bad(spec, "shadow is `shadow=on` or `shadow=off`")),
+                };
+                if block_size.is_some() {
+                    return Err(bad(spec, "an NVMe namespace has its own block size: drop bs="));
+                }
+                BackendSpec::Nvme { bdf, nsid, timeout_ms, shadow_doorbells }
+            }
             other => {
-                return Err(bad(spec, format!("unknown backend kind `{other}`: use null, mem, file or fault")));
+                return Err(bad(spec, format!("unknown backend kind `{other}`: use null, mem, file, nvme or fault")));
             }
         };
         opts.finish(spec)?;
@@ -182,6 +221,14 @@ impl BackendSpec {
             BackendSpec::Null { bytes, block_size } => Arc::new(NullDevice::new(*bytes, *block_size)?),
             BackendSpec::Mem { bytes, block_size } => Arc::new(MemDevice::new(*bytes, *block_size)?),
             BackendSpec::File { path, options } => Arc::new(FileDevice::open(path, options)?),
+            BackendSpec::Nvme { bdf, nsid, timeout_ms, shadow_doorbells } => {
+                let mut options = crate::nvme::ControllerOptions::default();
+                if let Some(ms) = timeout_ms {
+                    options.io_timeout = std::time::Duration::from_millis(*ms);
+                }
+                options.shadow_doorbells = *shadow_doorbells;
+                Arc::new(crate::nvme::open_namespace(bdf, *nsid, options)?)
+            }
             BackendSpec::Fault { plan, inner } => Arc::new(FaultDevice::with_plan(inner.open()?, plan)),
         })
     }
@@ -220,6 +267,14 @@ mod tests {
                 inner: Box::new(BackendSpec::Mem { bytes: 1 << 20, block_size: 512 })
             }
         );
+        assert_eq!(
+            BackendSpec::parse("nvme:00:04.0/2,timeout-ms=500,shadow=off").unwrap(),
+            BackendSpec::Nvme { bdf: "0000:00:04.0".into(), nsid: 2, timeout_ms: Some(500), shadow_doorbells: false }
+        );
+        assert_eq!(
+            BackendSpec::parse("nvme:0000:00:04.0").unwrap(),
+            BackendSpec::Nvme { bdf: "0000:00:04.0".into(), nsid: 1, timeout_ms: None, shadow_doorbells: true }
+        );
         for bad in [
             "null",
             "disk:1G",
@@ -237,6 +292,14 @@ mod tests {
             "fault:fail-after=1,power-loss=2@mem:1M",
             "fault:drop=1@mem:1M",
             "fault:corrupt=1@disk:1M",
+            "nvme:",
+            "nvme:00:04",
+            "nvme:0000:00:04.0/0",
+            "nvme:0000:00:04.0/x",
+            "nvme:0000:00:04.0/1,timeout-ms=0",
+            "nvme:0000:00:04.0/1,shadow=maybe",
+            "nvme:0000:00:04.0/1,bs=4096",
+            "nvme:0000:ff:1f.7/1",
         ] {
             let e = BackendSpec::parse(bad).and_then(|s| s.open().map(|_| s));
             assert!(e.is_err(), "{bad} should be refused");

@@ -48,7 +48,7 @@ pub enum IoError {
         block_size: u32,
     },
     /// An NVMe command completed with an error status (status code type and code).
-    #[error("NVMe command failed: status code type {sct:#x}, status code {sc:#x}")]
+    #[error("NVMe command failed: {} (status code type {sct:#x}, status code {sc:#x})", crate::nvme::status::status_name(*sct, *sc))]
     Nvme {
         /// Status Code Type (NVMe base specification, Completion Queue Entry DW3).
         sct: u8,

@@ -23,6 +23,7 @@ pub mod completion_ring;
 pub mod device;
 pub mod dma;
 pub mod error;
+pub mod nvme;
 pub mod request;
 pub mod sg;
 pub mod units;

@@ -21,6 +21,7 @@
 //! * [`MappedDevice`]: a mapped device is a [`udm_drivers::BlockDevice`], so mapped
 //!   devices stack and export like backends.
 
+pub mod bounce;
 pub mod error;
 pub mod exception_store;
 pub mod io_buf;

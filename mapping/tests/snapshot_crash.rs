@@ -3,7 +3,8 @@
 //! sector granularity). After "reboot" (the surviving media, a fresh registry), both
 //! snapshots must still show the origin exactly as it was when they were made.
 
-mod common;
+mod snapshot_common;
+use snapshot_common as common;
 
 use std::sync::Arc;
 

@@ -2,7 +2,8 @@
 //! writes, and the same results as Linux 6.1 (status lines, snapshot and origin
 //! contents, and the COW image byte for byte); and every kernel-written COW read back.
 
-mod common;
+mod snapshot_common;
+use snapshot_common as common;
 
 use common::{block_hashes, fixture_text, mem_with, status, unxz, SyncIo};
 use udm_mapping::{Registry, SuspendFlags, TableSlot};

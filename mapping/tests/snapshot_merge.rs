@@ -1,6 +1,7 @@
 //! snapshot-merge: rolling an origin back to a snapshot online, as the kernel does.
 
-mod common;
+mod snapshot_common;
+use snapshot_common as common;
 
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,7 @@
 //! The LVM-style operations: create, list, extend, merge, remove.
 
-mod common;
+mod snapshot_common;
+use snapshot_common as common;
 
 use std::time::{Duration, Instant};
 

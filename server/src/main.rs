@@ -1,6 +1,7 @@
 //! The `udm` binary: parses the command line and hands each subcommand to its module.
 
 mod bench;
+mod cli;
 
 use std::process::ExitCode;
 
@@ -19,6 +20,11 @@ struct Cli {
 enum Command {
     /// Measure a block device with a closed-loop load generator (like fio or SPDK perf).
     Bench(bench::BenchArgs),
+    /// Prepare the machine for the NVMe driver: bind controllers to vfio-pci, reserve
+    /// hugepages, report; `--undo` restores.
+    Setup(cli::setup::SetupArgs),
+    /// NVMe controllers: list them, identify one through udm's driver.
+    Nvme(cli::nvme::NvmeArgs),
 }
 
 fn main() -> ExitCode {
@@ -29,5 +35,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Bench(args) => bench::main(args),
+        Command::Setup(args) => cli::setup::main(args),
+        Command::Nvme(args) => cli::nvme::main(args),
     }
 }

@@ -100,6 +100,7 @@ impl Buffer {
         unsafe { SgList::from_raw(self.segments.as_ptr(), self.segments.len()) }
     }
 
+    #[allow(clippy::mut_from_ref)]
     pub fn bytes(&self) -> &mut [u8] {
         // SAFETY: tests touch the bytes only while no request uses the buffer.
         unsafe { &mut self.mem.as_mut_slice()[..self.len] }

@@ -104,12 +104,10 @@ impl MappedDevice {
     pub(crate) fn wait_drained(&self) {
         let started = Instant::now();
         let mut warned = false;
-        let queues: Vec<Arc<QueueShared>> = {
-            let list = self.shared.queues.lock().unwrap_or_else(|e| e.into_inner());
-            list.iter().filter_map(Weak::upgrade).collect()
-        };
+        let queues: Vec<Weak<QueueShared>> = self.shared.queues.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for q in &queues {
-            while q.active.load(Ordering::Acquire) != 0 {
+            // A queue dropped meanwhile has nothing left in flight that anyone waits for.
+            while q.upgrade().is_some_and(|q| q.active.load(Ordering::Acquire) != 0) {
                 if !warned && started.elapsed() > Duration::from_secs(5) {
                     tracing::warn!("suspend still waiting for in-flight I/O after 5 s: is a queue's thread polling?");
                     warned = true;

@@ -1,170 +1,78 @@
-//! Helpers shared by the snapshot integration tests: the kernel-made fixtures
-//! (fixtures/dm-snapshot), RAM backends, synchronous I/O through a held queue.
-#![allow(dead_code)]
+//! Helpers shared by the mapping integration tests.
+#![allow(dead_code)] // each test binary uses a different subset
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
 use udm_drivers::backends::mem::MemDevice;
 use udm_drivers::dma::PagePolicy;
-use udm_drivers::{BlockDevice, IoError, IoQueue, IoRequest};
-use udm_mapping::exception_store::sync_io;
-use udm_mapping::io_buf::IoBuf;
-use udm_mapping::Registry;
+use udm_drivers::{BlockDevice, Completion, IoQueue, IoRequest, IoSegment, SgList};
 
-pub fn fixture_path(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/dm-snapshot").join(rel)
+/// A RAM disk of `sectors` 512-byte sectors in ordinary pages.
+pub fn mem(sectors: u64) -> Arc<dyn BlockDevice> {
+    Arc::new(MemDevice::with_policy(sectors * 512, 512, PagePolicy::Normal).unwrap())
 }
 
-pub fn fixture_text(rel: &str) -> String {
-    std::fs::read_to_string(fixture_path(rel)).unwrap_or_else(|e| panic!("reading fixture {rel}: {e}"))
+/// A buffer with its segment, kept together so the SgList stays valid while in flight.
+pub struct Buf {
+    pub data: Vec<u8>,
+    seg: Box<IoSegment>,
 }
 
-pub fn unxz(rel: &str) -> Vec<u8> {
-    let path = fixture_path(rel);
-    let out = Command::new("xz").arg("-dc").arg(&path).output().expect("xz-utils is installed (setup-host.sh)");
-    assert!(out.status.success(), "xz -dc {} failed", path.display());
-    out.stdout
-}
-
-/// A RAM backend holding `image`.
-pub fn mem_with(image: &[u8]) -> Arc<dyn BlockDevice> {
-    let dev: Arc<dyn BlockDevice> =
-        Arc::new(MemDevice::with_policy(image.len() as u64, 512, PagePolicy::Normal).unwrap());
-    let mut io = SyncIo::new(dev.as_ref());
-    io.write(0, image).unwrap();
-    dev
-}
-
-/// Synchronous I/O through one queue kept open (so mapped devices keep their
-/// per-thread state between calls).
-pub struct SyncIo {
-    q: Box<dyn IoQueue>,
-}
-
-impl SyncIo {
-    pub fn new(dev: &dyn BlockDevice) -> Self {
-        SyncIo { q: dev.open_queue(32).unwrap() }
+impl Buf {
+    pub fn new(data: Vec<u8>) -> Self {
+        let mut data = data;
+        // SAFETY: `data` is owned by the Buf and never reallocated while the Buf lives.
+        let seg = Box::new(unsafe { IoSegment::new(data.as_mut_ptr(), data.len()) });
+        Buf { data, seg }
     }
 
-    pub fn on(reg: &Registry, name: &str) -> Self {
-        Self::new(reg.device(name).unwrap().as_ref())
+    pub fn zeroed(len: usize) -> Self {
+        Self::new(vec![0u8; len])
     }
 
-    /// Writes `data` at `sector` in requests of at most 64 KiB (as `dd bs=64k`).
-    pub fn write(&mut self, sector: u64, data: &[u8]) -> Result<(), IoError> {
-        for (i, piece) in data.chunks(64 << 10).enumerate() {
-            let mut buf = IoBuf::new(piece.len()).unwrap();
-            buf.as_mut_slice().copy_from_slice(piece);
-            let s = sector + (i * (64 << 10) / 512) as u64;
-            sync_io::run(self.q.as_mut(), IoRequest::write(s, buf.sg(0, piece.len()), 7))?;
-        }
-        Ok(())
-    }
-
-    pub fn read(&mut self, sector: u64, len: usize) -> Result<Vec<u8>, IoError> {
-        let mut out = Vec::with_capacity(len);
-        let step = 1 << 20;
-        let mut done = 0;
-        while done < len {
-            let n = step.min(len - done);
-            let buf = IoBuf::new(n).unwrap();
-            sync_io::run(self.q.as_mut(), IoRequest::read(sector + (done / 512) as u64, buf.sg(0, n), 7))?;
-            out.extend_from_slice(buf.as_slice());
-            done += n;
-        }
-        Ok(out)
-    }
-
-    pub fn read_all(&mut self, sectors: u64) -> Result<Vec<u8>, IoError> {
-        self.read(0, sectors as usize * 512)
+    pub fn sg(&self) -> SgList {
+        // SAFETY: the segment and the memory live as long as the Buf; tests keep the
+        // Buf alive until the request's completion is reaped.
+        unsafe { SgList::from_segment(&self.seg) }
     }
 }
 
-/// `BLOCK HASH` lines of every 4 KiB block, as the fixtures' expected-*.sha256.
-pub fn block_hashes(image: &[u8]) -> String {
-    let mut s = String::new();
-    for (i, block) in image.chunks(4096).enumerate() {
-        let h = Sha256::digest(block);
-        s.push_str(&format!("{i} "));
-        for b in h {
-            s.push_str(&format!("{b:02x}"));
-        }
-        s.push('\n');
-    }
-    s
-}
-
-/// The `dmsetup status` arguments of `name`'s single target.
-pub fn status(reg: &Registry, name: &str) -> String {
-    let line = reg.status(name, udm_mapping::TableSlot::Live).unwrap();
-    let line = line.trim_end_matches('\n');
-    line.splitn(4, ' ').nth(3).unwrap_or("").to_string()
-}
-
-/// Writes every `(sector, data)` through `q` with up to `depth` in flight at once, in
-/// order of submission; returns each write's result. Writes may overlap: with several
-/// in flight the device sees them in any order.
-pub fn write_batch(q: &mut dyn IoQueue, writes: &[(u64, Vec<u8>)], depth: usize) -> Vec<Result<(), IoError>> {
-    let bufs: Vec<IoBuf> = writes
-        .iter()
-        .map(|(_, d)| {
-            let mut b = IoBuf::new(d.len()).unwrap();
-            b.as_mut_slice().copy_from_slice(d);
-            b
-        })
-        .collect();
-    let mut results = vec![Ok(()); writes.len()];
-    let mut next = 0;
-    let mut in_flight = 0;
-    let mut done = 0;
-    let mut out = [udm_drivers::Completion::EMPTY; 16];
-    while done < writes.len() {
-        while next < writes.len() && in_flight < depth {
-            let req = IoRequest::write(writes[next].0, bufs[next].sg(0, bufs[next].len()), next as u64);
-            match q.submit(req) {
-                Ok(()) => {
-                    next += 1;
-                    in_flight += 1;
-                }
-                Err(_) => break,
-            }
-        }
-        q.kick();
+/// Polls `q` until the request tagged `tag` completes; returns its result.
+pub fn wait_for(q: &mut dyn IoQueue, tag: u64) -> Result<(), udm_drivers::IoError> {
+    let mut out = [Completion::EMPTY; 16];
+    let mut seen = None;
+    for _ in 0..10_000_000u64 {
         let n = q.poll(&mut out);
         for c in &out[..n] {
-            results[c.tag as usize] = c.result;
-            in_flight -= 1;
-            done += 1;
+            assert!(seen.is_none() || c.tag != tag, "tag {tag} completed twice");
+            if c.tag == tag {
+                seen = Some(c.result);
+            }
         }
-        if n == 0 {
-            std::thread::yield_now();
+        if let Some(r) = seen {
+            return r;
         }
+        std::thread::yield_now();
     }
-    results
+    panic!("request {tag} never completed");
 }
 
-/// A small deterministic generator (xorshift), so failures reproduce from a seed.
-pub struct Rng(pub u64);
+/// Submits and waits for one request.
+pub fn run(q: &mut dyn IoQueue, req: IoRequest) -> Result<(), udm_drivers::IoError> {
+    let tag = req.tag;
+    q.submit(req).expect("room in the queue");
+    q.kick();
+    wait_for(q, tag)
+}
 
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        let mut x = self.0.max(1);
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
+/// A deterministic byte pattern for sector `sector` written in round `round`.
+pub fn pattern(sector: u64, round: u64, len_sectors: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity((len_sectors * 512) as usize);
+    for s in 0..len_sectors {
+        let seed = (sector + s).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ round.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+        for i in 0..64u64 {
+            v.extend_from_slice(&(seed.wrapping_add(i.wrapping_mul(0x1656_67B1_9E37_79F9))).to_le_bytes());
+        }
     }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let tag = self.next();
-        (0..len).map(|i| (tag.wrapping_add(i as u64 * 0x9E37) >> 8) as u8).collect()
-    }
+    v
 }

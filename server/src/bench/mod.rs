@@ -194,7 +194,7 @@ pub fn run(args: &BenchArgs) -> Result<Report, BenchError> {
     let device = open_bench_device(&args.devices)?;
     let info = device.info();
     let bs = args.bs;
-    if bs == 0 || bs % u64::from(info.logical_block_size) != 0 || bs % SECTOR_SIZE != 0 {
+    if bs == 0 || !bs.is_multiple_of(u64::from(info.logical_block_size)) || !bs.is_multiple_of(SECTOR_SIZE) {
         return Err(BenchError::Usage(format!(
             "--bs {bs} is not a multiple of the device's {}-byte logical block size",
             info.logical_block_size
@@ -267,7 +267,6 @@ pub fn run(args: &BenchArgs) -> Result<Report, BenchError> {
     let cpu0 = cpu_times();
     let live = std::io::stderr().is_terminal() && args.time > Duration::from_secs(2) && !args.json;
     progress::show(&shared.progress, &shared.finished, args.time, bs, live);
-    let seconds = t0.elapsed().as_secs_f64();
     let cpu1 = cpu_times();
 
     let mut outcomes = Vec::with_capacity(threads);
@@ -283,6 +282,9 @@ pub fn run(args: &BenchArgs) -> Result<Report, BenchError> {
     if let Some(e) = first_error {
         return Err(e);
     }
+    // From the common start to the last thread's drain.
+    let seconds = outcomes.iter().filter_map(|o| o.timed_end).max().map_or(0.0, |end| (end - t0).as_secs_f64());
+    let seconds = seconds.max(1e-6);
     let mut merged = outcomes.pop().expect("at least one thread");
     for o in outcomes {
         merged.reads += o.reads;

@@ -8,7 +8,7 @@
 //!   in one `io_uring_enter`; `poll` reaps the completion ring without blocking.
 //! * Read/Write map to read/write (one segment) or readv/writev; Flush to fdatasync;
 //!   FUA writes carry `RWF_DSYNC`; Discard punches a hole (a real discard on block
-//!   devices); WriteZeroes uses `FALLOC_FL_ZERO_RANGE`, falling back to punching a hole.
+//!   devices, through BLOCK_URING_CMD_DISCARD where the kernel has it); WriteZeroes uses `FALLOC_FL_ZERO_RANGE`, falling back to punching a hole.
 
 mod geometry;
 mod open;

@@ -1,5 +1,11 @@
 //! One io_uring per queue. Slot `i` of the queue owns user_data `i` and `SLOT_IOVECS`
 //! iovecs of a preallocated array, so nothing is allocated per request.
+//!
+//! Where the kernel allows (6.1+), the ring is single-issuer with deferred task work:
+//! completions are posted only when the owning thread polls, so a polling thread is
+//! never interrupted to post them. The ring is created disabled and bound to the first
+//! thread that kicks or polls the queue; a queue may move to its thread after
+//! `open_queue` but must stay there afterwards, as the I/O contract asks.
 
 use std::fs::File;
 use std::io;
@@ -23,10 +29,10 @@ pub(super) const SLOT_IOVECS: usize = 128;
 /// Most requests one queue holds (io_uring rings are sized to a power of two above).
 const MAX_DEPTH: usize = 4096;
 
-/// `FALLOC_FL_NO_HIDE_STALE` from <linux/falloc.h> (absent from the libc crate): with
-/// `PUNCH_HOLE | KEEP_SIZE` on a block device it asks for a real discard (BLKDISCARD)
-/// instead of zeroing the range.
-const FALLOC_FL_NO_HIDE_STALE: i32 = 0x04;
+/// `BLOCK_URING_CMD_DISCARD` from <linux/fs.h> (`_IO(0x12, 0)`, Linux 6.12; absent from
+/// the libc crate): the asynchronous BLKDISCARD of a block device, as an io_uring
+/// command with the byte offset in `addr` and the length in `addr3`.
+const BLOCK_URING_CMD_DISCARD: u32 = 0x12 << 8;
 
 /// The registered-file index of the backing file in every ring.
 const FILE: types::Fixed = types::Fixed(0);
@@ -37,8 +43,9 @@ struct Slot {
     req: IoRequest,
     /// Bytes already transferred (a short read or write continues from here).
     done: u64,
-    /// ZERO_RANGE was refused; zero by punching a hole instead.
-    zero_by_punch: bool,
+    /// The first way of doing a Discard or WriteZeroes was refused; use the second
+    /// (see `prepare`).
+    fallback: bool,
 }
 
 /// A queue over one io_uring.
@@ -52,6 +59,8 @@ pub(super) struct FileQueue {
     rejected: CompletionRing,
     /// Entries pushed to the submission ring that the kernel has not taken yet.
     unsubmitted: usize,
+    /// The ring waits to be enabled by the thread that uses it.
+    disabled: bool,
     depth: usize,
     info: DeviceInfo,
     kind: FileKind,
@@ -100,19 +109,34 @@ impl FileQueue {
     ) -> Result<Self, DeviceError> {
         let depth = depth.clamp(1, MAX_DEPTH);
         let entries = depth.next_power_of_two() as u32;
-        let ring = IoUring::builder()
-            // Completions that need task work only flag it instead of interrupting the
-            // polling thread; `poll` enters the kernel when the flag is up.
-            .setup_coop_taskrun()
+        // Completion work is deferred to our own `poll` (no interrupts of the polling
+        // thread) and flagged in the shared ring; that needs a single submitting thread,
+        // fixed when the ring is enabled on first use (queues move to their thread
+        // after opening). Older kernels get cooperative task work, or plain rings.
+        let (ring, disabled) = match IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
             .setup_taskrun_flag()
+            .setup_r_disabled()
             .setup_cqsize(entries * 2)
             .build(entries)
-            .or_else(|_| IoUring::builder().setup_cqsize(entries * 2).build(entries))
-            .map_err(ring_error)?;
+        {
+            Ok(r) => (r, true),
+            Err(_) => (
+                IoUring::builder()
+                    .setup_coop_taskrun()
+                    .setup_taskrun_flag()
+                    .setup_cqsize(entries * 2)
+                    .build(entries)
+                    .or_else(|_| IoUring::builder().setup_cqsize(entries * 2).build(entries))
+                    .map_err(ring_error)?,
+                false,
+            ),
+        };
         ring.submitter()
             .register_files(&[file.as_raw_fd()])
             .map_err(|e| DeviceError::io("cannot register the file with io_uring", e))?;
-        let empty = Slot { req: IoRequest::flush(0), done: 0, zero_by_punch: false };
+        let empty = Slot { req: IoRequest::flush(0), done: 0, fallback: false };
         Ok(FileQueue {
             ring,
             slots: vec![empty; depth].into_boxed_slice(),
@@ -121,6 +145,7 @@ impl FileQueue {
                 .into_boxed_slice(),
             rejected: CompletionRing::new(depth),
             unsubmitted: 0,
+            disabled,
             depth,
             info,
             kind,
@@ -146,15 +171,20 @@ impl FileQueue {
                 self.rw_entry(idx, req.op, sg, offset, flags)?
             }
             IoOp::Flush => opcode::Fsync::new(FILE).flags(types::FsyncFlags::DATASYNC).build(),
+            // A block device discards through its io_uring command where the kernel has
+            // it; otherwise (and on files) punching a hole is the discard: on a block
+            // device the kernel turns it into a write-zeroes that unmaps.
+            IoOp::Discard if self.kind == FileKind::BlockDevice && !slot.fallback => {
+                let mut cmd = [0u8; 16];
+                cmd[..8].copy_from_slice(&req.bytes().to_le_bytes());
+                opcode::UringCmd16::new(FILE, BLOCK_URING_CMD_DISCARD).addr(Some(offset)).cmd(cmd).build()
+            }
             IoOp::Discard => {
-                let mut mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-                if self.kind == FileKind::BlockDevice {
-                    mode |= FALLOC_FL_NO_HIDE_STALE;
-                }
+                let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
                 opcode::Fallocate::new(FILE, req.bytes()).offset(offset).mode(mode).build()
             }
             IoOp::WriteZeroes => {
-                let mode = if slot.zero_by_punch {
+                let mode = if slot.fallback {
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
                 } else {
                     libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
@@ -238,6 +268,13 @@ impl FileQueue {
 
     /// One `io_uring_enter` for everything pushed (and for pending task work).
     fn enter(&mut self) {
+        if self.disabled {
+            if let Err(e) = self.ring.submitter().register_enable_rings() {
+                tracing::error!("cannot enable the io_uring: {e}");
+                return;
+            }
+            self.disabled = false;
+        }
         match self.ring.submit() {
             Ok(n) => self.unsubmitted = self.unsubmitted.saturating_sub(n),
             // Out of kernel resources for now: the entries stay in the ring and the next
@@ -261,10 +298,10 @@ impl FileQueue {
         if res < 0 {
             let errno = -res;
             return match op {
-                IoOp::WriteZeroes
-                    if !self.slots[idx].zero_by_punch && matches!(errno, libc::EOPNOTSUPP | libc::EINVAL) =>
+                IoOp::WriteZeroes | IoOp::Discard
+                    if !self.slots[idx].fallback && matches!(errno, libc::EOPNOTSUPP | libc::EINVAL) =>
                 {
-                    self.slots[idx].zero_by_punch = true;
+                    self.slots[idx].fallback = true;
                     self.resubmit(idx)
                 }
                 IoOp::Discard | IoOp::WriteZeroes if errno == libc::EOPNOTSUPP => {
@@ -305,7 +342,7 @@ impl FileQueue {
 /// See [`FileQueue::check_direct_alignment`].
 #[inline]
 fn check_alignment(direct: bool, ptr: *mut u8, len: usize) -> Result<(), IoError> {
-    if direct && ((ptr as usize) | len) % SECTOR_SIZE as usize != 0 {
+    if direct && !((ptr as usize) | len).is_multiple_of(SECTOR_SIZE as usize) {
         return Err(IoError::BadBuffer { reason: "O_DIRECT needs buffers aligned to 512 bytes" });
     }
     Ok(())
@@ -322,7 +359,7 @@ impl IoQueue for FileQueue {
             return Ok(());
         }
         let idx = self.free.pop().expect("a free slot: in_flight < depth") as usize;
-        self.slots[idx] = Slot { req, done: 0, zero_by_punch: false };
+        self.slots[idx] = Slot { req, done: 0, fallback: false };
         match self.prepare(idx) {
             Ok(entry) => self.push(&entry),
             Err(e) => {
@@ -378,6 +415,9 @@ impl Drop for FileQueue {
     /// The kernel may still be reading or writing the slots' iovecs and the submitters'
     /// buffers: wait for every request before the memory goes away.
     fn drop(&mut self) {
+        if self.disabled {
+            return; // never entered: nothing reached the kernel
+        }
         while self.busy_slots() > 0 {
             if let Err(e) = self.ring.submit_and_wait(1) {
                 if e.raw_os_error() != Some(libc::EINTR) {
@@ -390,5 +430,20 @@ impl Drop for FileQueue {
                 let _ = self.complete(cqe.user_data() as usize, cqe.result());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_without_io_uring_gets_an_unavailable_error_that_says_why() {
+        for (errno, needle) in [(libc::ENOSYS, "Linux 5.6"), (libc::EPERM, "io_uring_disabled")] {
+            let e = ring_error(io::Error::from_raw_os_error(errno));
+            assert!(matches!(e, DeviceError::Unavailable { what: "io_uring", .. }), "{e:?}");
+            assert!(e.to_string().contains(needle), "{e}");
+        }
+        assert!(matches!(ring_error(io::Error::from_raw_os_error(libc::ENOMEM)), DeviceError::Io { .. }));
     }
 }
