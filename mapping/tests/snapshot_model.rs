@@ -4,7 +4,8 @@
 //! Writes go in concurrent batches (several in flight, sharing chunks), so copy-outs
 //! race and pending exceptions are joined.
 
-mod common;
+mod snapshot_common;
+use snapshot_common as common;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,8 @@
 //! exactly once per snapshot (the allocation count proves it), and readers of the
 //! snapshots never see new data, even while the copies are under way.
 
-mod common;
+mod snapshot_common;
+use snapshot_common as common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
