@@ -77,6 +77,7 @@ fn nvme_driver_against_qemu_controllers() {
         "run range-a2 udm-nvme-selftest out-of-range nvme:0000:00:04.0/2",
         "run reset-a2 udm-nvme-selftest reset nvme:0000:00:04.0/2",
         "run timeout-c udm-nvme-selftest timeout nvme:0000:00:06.0/1,timeout-ms=500",
+        "run shared-ab udm-nvme-selftest shared nvme:0000:00:04.0/2 nvme:0000:00:05.0/1",
     ]
     .join("\n");
     let out = Guest::new()
@@ -179,6 +180,16 @@ fn nvme_driver_against_qemu_controllers() {
 
     // A command slower than the timeout is aborted, the controller reset, the command failed.
     assert!(show("timeout-c").lines.iter().any(|l| l == "timeout ok"));
+
+    // Two controllers share one VFIO container; the IOVAs come from the IOMMU's ranges
+    // (QEMU's intel-iommu: 39 bits, a hole for the interrupt window).
+    let shared = show("shared-ab");
+    assert!(shared.lines.iter().any(|l| l == "shared ok controllers=2"));
+    assert!(
+        shared.lines.iter().any(|l| l == "iova_ranges=0x0-0xfedfffff,0xfef00000-0x7fffffffff"),
+        "{}",
+        shared.lines.join("\n")
+    );
 
     // From the host: the data of namespace a1 is where the guest wrote it. Every sector
     // carries its own number, except the range the check zeroed.
