@@ -30,6 +30,7 @@ fn udm_binary() -> PathBuf {
 fn start_udm(dir: &Path) -> Child {
     let mut child = Command::new(udm_binary())
         .args(["serve", "--config", "udm.toml"])
+        .env("RUST_LOG", std::env::var("UDM_TEST_LOG").unwrap_or_else(|_| "warn".into()))
         .current_dir(dir)
         .stdout(Stdio::piped())
         .spawn()
