@@ -41,7 +41,7 @@ impl Iterator for ChainWalk<'_> {
             let addr = self.table.checked_add(u64::from(idx) * 16)?;
             let d: Descriptor = self.mem.read_obj(GuestAddress(addr)).ok()?;
             if d.refers_to_indirect_table() {
-                if self.indirect || d.len() % 16 != 0 || d.len() / 16 > u32::from(u16::MAX) {
+                if self.indirect || !d.len().is_multiple_of(16) || d.len() / 16 > u32::from(u16::MAX) {
                     return None;
                 }
                 self.indirect = true;
