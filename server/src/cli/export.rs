@@ -94,7 +94,7 @@ fn render_ls(v: &Value) -> String {
         .flatten()
         .map(|e| {
             let c = &e["config"];
-            let mib = e["sectors"].as_u64().unwrap_or(0) * 512 >> 20;
+            let mib = (e["sectors"].as_u64().unwrap_or(0) * 512) >> 20;
             vec![
                 field(c, "name"),
                 field(c, "device"),
