@@ -466,6 +466,14 @@ impl IoQueue for FaultQueue {
         n
     }
 
+    fn wait(&mut self, timeout: std::time::Duration) {
+        if self.local.is_empty() && self.deferred.is_empty() {
+            self.inner.wait(timeout);
+        } else {
+            self.inner.kick();
+        }
+    }
+
     fn in_flight(&self) -> usize {
         self.depth - self.free.len() + self.local.len()
     }

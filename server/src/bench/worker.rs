@@ -27,6 +27,8 @@ pub struct Job {
     /// Blocks (of `bs_sectors`) this thread may address.
     pub blocks: Range<u64>,
     pub verify: bool,
+    /// Sleep in `IoQueue::wait` instead of spinning when nothing can be issued.
+    pub wait: bool,
     pub seed: u64,
     pub duration_ticks: u64,
 }
@@ -267,7 +269,18 @@ impl Worker {
                     }
                 }
             }
-            self.queue.kick();
+            if self.job.wait && (self.free.is_empty() || !issuing) {
+                // Nothing to do until a request completes: submit and sleep in one go.
+                let left = match phase {
+                    Phase::Timed { deadline } if issuing => deadline.saturating_sub(now),
+                    _ => u64::MAX,
+                };
+                // Wake at the deadline at the latest, and at least every 10 ms.
+                let nanos = (clock.nanos(left) as u64).clamp(1_000, 10_000_000);
+                self.queue.wait(std::time::Duration::from_nanos(nanos));
+            } else {
+                self.queue.kick();
+            }
             let n = self.queue.poll(&mut self.completions);
             if n > 0 {
                 let end = clock.now();
