@@ -264,7 +264,7 @@ impl Worker {
                         self.started[slot] = now;
                     }
                     Err(QueueFull(_)) => {
-                        self.unprepare(slot, op, block);
+                        self.unprepare(op, block);
                         break;
                     }
                 }
@@ -318,7 +318,7 @@ impl Worker {
     }
 
     /// Takes back what `prepare` and `next_io` marked for a request the queue refused.
-    fn unprepare(&mut self, _slot: usize, op: IoOp, block: u64) {
+    fn unprepare(&mut self, op: IoOp, block: u64) {
         self.issued_in_phase -= 1;
         if let Some(v) = &mut self.verifier {
             v.busy[block as usize] = false;
