@@ -125,6 +125,11 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// Sleep in the device's wait (io_uring_enter, like fio) whenever every request is
+    /// in flight, instead of busy-polling a whole core (the default, like SPDK).
+    #[arg(long)]
+    pub wait: bool,
+
     /// Seed of the random offsets and read/write mix (runs with one seed issue the same
     /// sequence per thread).
     #[arg(long, default_value_t = 1)]
@@ -258,6 +263,7 @@ pub fn run(args: &BenchArgs) -> Result<Report, BenchError> {
                 qd,
                 blocks: start..start + per_thread,
                 verify: args.verify,
+                wait: args.wait,
                 seed: args.seed.wrapping_add(t as u64 * 0x1_0000_0001),
                 duration_ticks: clock.ticks(args.time),
             };
