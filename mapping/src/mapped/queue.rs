@@ -250,18 +250,20 @@ fn issue(table: &Table, targets: &mut [Box<dyn TargetQueue>], io: &mut IoCore, s
                 return;
             }
         }
-        let s = io.slots[slot as usize];
-        let Some((segment, io_piece)) = next_piece(table, &s, slot) else { break };
-        {
+        let Some((segment, io_piece)) = next_piece(table, &io.slots[slot as usize], slot) else { break };
+        let step = {
             let s = &mut io.slots[slot as usize];
-            s.cursor += if s.req.op == IoOp::Flush { 1 } else { io_piece.sectors };
-            s.seg_hint = if segment == NO_SEGMENT { s.seg_hint } else { segment };
+            let step = s.cursor;
+            s.cursor += if io_piece.op == IoOp::Flush { 1 } else { io_piece.sectors };
+            if segment != NO_SEGMENT {
+                s.seg_hint = segment;
+            }
             s.outstanding += 1;
-        }
-        let req = s.req;
+            step
+        };
         if segment == NO_SEGMENT {
             // A table-wide flush of one distinct device below.
-            let child = table.flush_children[s.cursor as usize];
+            let child = table.flush_children[step as usize];
             let creq = IoRequest { tag: (u64::from(NO_SEGMENT) << 32) | u64::from(slot), ..IoRequest::flush(0) };
             if let Err(QueueFull(r)) = io.submit_child(child, creq) {
                 io.slots[slot as usize].pending = Some((child, r));
@@ -276,8 +278,8 @@ fn issue(table: &Table, targets: &mut [Box<dyn TargetQueue>], io: &mut IoCore, s
             MapOutcome::Remap { dev, sector } => {
                 let child = seg.dev_map[dev.0 as usize];
                 let creq = IoRequest {
-                    op: req.op,
-                    sector: if req.op == IoOp::Flush { 0 } else { sector },
+                    op: io_piece.op,
+                    sector: if io_piece.op == IoOp::Flush { 0 } else { sector },
                     sectors: io_piece.sectors,
                     sg: io_piece.sg,
                     fua: io_piece.fua,
