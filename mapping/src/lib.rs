@@ -28,6 +28,7 @@ pub mod io_buf;
 pub mod mapped;
 pub mod registry;
 pub mod snapshot;
+pub mod snapshot_ops;
 pub mod sync_io;
 pub mod table;
 pub mod table_text;

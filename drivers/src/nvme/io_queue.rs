@@ -41,14 +41,16 @@ const MAX_ATTEMPTS: u8 = 3;
 const HEALTH_CHECK_POLLS: u32 = 4096;
 /// How long an aborted command may take to come back before the controller is reset.
 const ABORT_GRACE: Duration = Duration::from_secs(1);
-const NO_BOUNCE: u16 = u16::MAX;
+const NO_BOUNCE: u32 = u32::MAX;
+const ALL_BOUNCE: u32 = ((1u64 << BOUNCE_SLOTS) - 1) as u32;
 
 #[derive(Clone, Copy)]
 struct CmdSlot {
     active: bool,
     req: u16,
     sqe: Command,
-    bounce: u16,
+    /// Offset of this command's bytes in the bounce area, or NO_BOUNCE.
+    bounce: u32,
     /// Byte offset of this command's data in its request, and length (bounce copies).
     offset: u32,
     len: u32,
@@ -92,6 +94,8 @@ struct ReqSlot {
     sg: SgList,
     pending: u32,
     error: Option<IoError>,
+    /// Bounce buffers held (bit n: buffer n), given back when the request completes.
+    bounce_mask: u32,
 }
 
 /// Offsets of the parts of a queue's DMA memory.
@@ -143,15 +147,17 @@ pub struct NvmeQueue {
     unkicked: Vec<u16>,
     reqs: Box<[ReqSlot]>,
     free_reqs: Vec<u16>,
-    free_bounce: Vec<u16>,
+    /// Free bounce buffers (bit n: buffer n).
+    free_bounce: u32,
     pieces: Vec<(usize, usize)>,
     done: CompletionRing,
     in_flight: usize,
     generation: u64,
     polls: u32,
     dead: bool,
-    warned_unregistered: bool,
 }
+
+static UNREGISTERED_WARNING: std::sync::Once = std::sync::Once::new();
 
 impl std::fmt::Debug for NvmeQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -163,9 +169,9 @@ impl NvmeQueue {
     /// Opens a queue pair for namespace `nsid` with room for `depth` requests.
     pub fn open(ctrl: &Arc<Controller>, nsid: u32, info: DeviceInfo, depth: usize) -> Result<Self, DeviceError> {
         let depth = depth.max(1);
-        let limit = (ctrl.capabilities().max_queue_entries as usize).min(1024);
+        let limit = (ctrl.capabilities().max_queue_entries as usize).clamp(2, 1024);
         // Requests split into several commands: leave room for that.
-        let entries = (depth * 4).next_power_of_two().clamp(64, limit.max(2)).min(limit);
+        let entries = (depth * 4).next_power_of_two().max(64).min(limit);
         let depth = depth.min(entries - 1);
         let layout = Layout::new(entries);
         let memory = DmaMemory::allocate(layout.total, PagePolicy::PreferHuge)?;
@@ -222,17 +228,19 @@ impl NvmeQueue {
             // CID entries-1 is never used: at most entries-1 commands are outstanding.
             free_cids: (0..(entries - 1) as u16).rev().collect(),
             unkicked: Vec::with_capacity(entries),
-            reqs: vec![ReqSlot { tag: 0, op: IoOp::Flush, sg: sg_placeholder, pending: 0, error: None }; depth]
-                .into_boxed_slice(),
+            reqs: vec![
+                ReqSlot { tag: 0, op: IoOp::Flush, sg: sg_placeholder, pending: 0, error: None, bounce_mask: 0 };
+                depth
+            ]
+            .into_boxed_slice(),
             free_reqs: (0..depth as u16).rev().collect(),
-            free_bounce: (0..BOUNCE_SLOTS as u16).rev().collect(),
+            free_bounce: ALL_BOUNCE,
             pieces: Vec::with_capacity(entries),
             done: CompletionRing::new(2 * depth),
             in_flight: 0,
             generation,
             polls: 0,
             dead: false,
-            warned_unregistered: false,
         })
     }
 
@@ -247,9 +255,10 @@ impl NvmeQueue {
         (unsafe { self.memory.as_ptr().add(off).cast() }, self.iova + off as u64)
     }
 
-    fn bounce_buffer(&self, slot: u16) -> (*mut u8, u64) {
-        let off = self.layout.bounce + slot as usize * BOUNCE_SIZE;
-        // SAFETY: slot < BOUNCE_SLOTS: inside the bounce area of `memory`.
+    /// The bounce area at `offset` (from a bounce buffer's start plus a position in it).
+    fn bounce_buffer(&self, offset: u32) -> (*mut u8, u64) {
+        let off = self.layout.bounce + offset as usize;
+        // SAFETY: offset < BOUNCE_SLOTS * BOUNCE_SIZE: inside the bounce area of `memory`.
         (unsafe { self.memory.as_ptr().add(off) }, self.iova + off as u64)
     }
 
@@ -261,18 +270,23 @@ impl NvmeQueue {
         if mapped {
             let pieces = &mut self.pieces;
             let block = 1usize << self.block_shift;
-            if prp::plan(sg.chunks().map(|(p, l)| (p as u64, l)), block, self.max_cmd, |o, l| pieces.push((o, l))) {
+            let fits =
+                prp::plan(sg.chunks().map(|(p, l)| (p as u64, l)), block, self.max_cmd, |o, l| pieces.push((o, l)));
+            // A layout that needs more commands than the queue has identifiers (many
+            // small unaligned pieces) is cheaper through a bounce buffer anyway.
+            if fits && pieces.len() < self.cmds.len() {
                 return DataPlan::Direct;
             }
-        } else if !self.warned_unregistered {
-            self.warned_unregistered = true;
-            tracing::warn!(
-                "NVMe I/O into memory that was not registered (BlockDevice::register_memory): \
+        } else {
+            UNREGISTERED_WARNING.call_once(|| {
+                tracing::warn!(
+                    "NVMe I/O into memory that was not registered (BlockDevice::register_memory): \
                  copying through bounce buffers, which is slower"
-            );
+                )
+            });
         }
         self.pieces.clear();
-        DataPlan::Bounce(sg.len().div_ceil(BOUNCE_SIZE.min(self.max_cmd)))
+        DataPlan::Bounce(sg.len().div_ceil(BOUNCE_SIZE))
     }
 
     fn fail_now(&mut self, req: IoRequest, error: IoError) -> Result<(), QueueFull> {
@@ -283,7 +297,7 @@ impl NvmeQueue {
         Ok(())
     }
 
-    fn start_command(&mut self, req_slot: u16, mut sqe: Command, bounce: u16, offset: usize, len: usize) {
+    fn start_command(&mut self, req_slot: u16, mut sqe: Command, bounce: u32, offset: usize, len: usize) {
         let cid = self.free_cids.pop().expect("caller reserved command identifiers");
         sqe.set_cid(cid);
         self.cmds[cid as usize] = CmdSlot {
@@ -312,14 +326,11 @@ impl NvmeQueue {
         self.cmds[cid as usize].active = false;
         self.free_cids.push(cid);
         let req = self.reqs[slot.req as usize];
-        if slot.bounce != NO_BOUNCE {
-            if req.op == IoOp::Read && result.is_ok() {
-                let (ptr, _) = self.bounce_buffer(slot.bounce);
-                // SAFETY: the device finished writing `len` bytes into the bounce buffer;
-                // the window belongs to the request (SgList contract).
-                unsafe { req.sg.slice(slot.offset as usize, slot.len as usize).copy_from_raw(ptr) };
-            }
-            self.free_bounce.push(slot.bounce);
+        if slot.bounce != NO_BOUNCE && req.op == IoOp::Read && result.is_ok() {
+            let (ptr, _) = self.bounce_buffer(slot.bounce);
+            // SAFETY: the device finished writing `len` bytes into the bounce buffer; the
+            // window belongs to the request (SgList contract).
+            unsafe { req.sg.slice(slot.offset as usize, slot.len as usize).copy_from_raw(ptr) };
         }
         let r = &mut self.reqs[slot.req as usize];
         if let Err(e) = result {
@@ -327,6 +338,7 @@ impl NvmeQueue {
         }
         r.pending -= 1;
         if r.pending == 0 {
+            self.free_bounce |= r.bounce_mask;
             let completion = Completion { tag: r.tag, result: r.error.map_or(Ok(()), Err) };
             self.free_reqs.push(slot.req);
             self.in_flight -= 1;
@@ -458,19 +470,29 @@ impl NvmeQueue {
                     self.start_command(slot, sqe, NO_BOUNCE, off, len);
                 }
             }
-            DataPlan::Bounce(n) => {
+            DataPlan::Bounce(_) => {
+                // Each BOUNCE_SIZE part of the request gets a bounce buffer; commands of
+                // at most the MDTS carry it.
                 let piece = BOUNCE_SIZE.min(self.max_cmd);
-                for i in 0..n {
-                    let off = i * piece;
+                let mut mask = 0u32;
+                let mut buffer = 0u32;
+                let mut off = 0;
+                while off < req.sg.len() {
+                    if off % BOUNCE_SIZE == 0 {
+                        buffer = self.free_bounce.trailing_zeros();
+                        self.free_bounce &= !(1 << buffer);
+                        mask |= 1 << buffer;
+                    }
                     let len = piece.min(req.sg.len() - off);
-                    let b = self.free_bounce.pop().expect("caller reserved bounce buffers");
-                    let (ptr, biova) = self.bounce_buffer(b);
+                    let at = buffer * BOUNCE_SIZE as u32 + (off % BOUNCE_SIZE) as u32;
+                    let (ptr, biova) = self.bounce_buffer(at);
                     if req.op == IoOp::Write {
-                        // SAFETY: the bounce buffer has BOUNCE_SIZE >= len bytes and is ours.
+                        // SAFETY: `len` bytes fit in the rest of the bounce buffer (pieces
+                        // divide BOUNCE_SIZE), which this request holds.
                         unsafe { req.sg.slice(off, len).copy_to_raw(ptr) };
                     }
                     let (list, list_iova) = self.next_prp_page();
-                    // SAFETY: one page-aligned contiguous chunk; the list page is idle.
+                    // SAFETY: one contiguous chunk; the list page is idle.
                     let (prp1, prp2) = unsafe { prp::build([(biova, len)].into_iter(), list, list_iova) };
                     let mut sqe = Command::read_write(
                         opcode,
@@ -481,8 +503,10 @@ impl NvmeQueue {
                     );
                     sqe.prp1 = prp1;
                     sqe.prp2 = prp2;
-                    self.start_command(slot, sqe, b, off, len);
+                    self.start_command(slot, sqe, at, off, len);
+                    off += len;
                 }
+                self.reqs[slot as usize].bounce_mask = mask;
             }
         }
     }
@@ -546,7 +570,7 @@ impl IoQueue for NvmeQueue {
         let plan = req.op.has_data().then(|| self.plan_data(&req.sg, &table));
         let (commands, bounces) = match plan {
             Some(DataPlan::Direct) => (self.pieces.len(), 0),
-            Some(DataPlan::Bounce(n)) => (n, n),
+            Some(DataPlan::Bounce(n)) => (req.sg.len().div_ceil(BOUNCE_SIZE.min(self.max_cmd)), n),
             None => (self.commands_for(&req), 0),
         };
         if commands > self.cmds.len() - 1 || bounces > BOUNCE_SLOTS {
@@ -558,12 +582,12 @@ impl IoQueue for NvmeQueue {
                 },
             );
         }
-        if commands > self.free_cids.len() || bounces > self.free_bounce.len() {
+        if commands > self.free_cids.len() || bounces > self.free_bounce.count_ones() as usize {
             return Err(QueueFull(req));
         }
         self.free_reqs.pop();
         self.reqs[slot as usize] =
-            ReqSlot { tag: req.tag, op: req.op, sg: req.sg, pending: commands as u32, error: None };
+            ReqSlot { tag: req.tag, op: req.op, sg: req.sg, pending: commands as u32, error: None, bounce_mask: 0 };
         self.in_flight += 1;
         if let Some(plan) = plan {
             self.submit_data(req, slot, plan, &table);

@@ -398,9 +398,15 @@ impl SnapshotShared {
         }
     }
 
-    /// The store's usage numbers.
+    /// The store's usage numbers (the total follows an online extend of the COW, as
+    /// the kernel reads the COW's size at status time).
     pub fn usage(&self) -> Usage {
-        lock(&self.core).store.usage()
+        let mut core = lock(&self.core);
+        let now = self.cow.device().info().sectors;
+        if now > core.store.usage().total_sectors {
+            core.store.set_cow_sectors(now);
+        }
+        core.store.usage()
     }
 
     /// Exceptions the snapshot holds.

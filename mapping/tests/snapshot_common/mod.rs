@@ -103,3 +103,68 @@ pub fn status(reg: &Registry, name: &str) -> String {
     let line = line.trim_end_matches('\n');
     line.splitn(4, ' ').nth(3).unwrap_or("").to_string()
 }
+
+/// Writes every `(sector, data)` through `q` with up to `depth` in flight at once, in
+/// order of submission; returns each write's result. Writes may overlap: with several
+/// in flight the device sees them in any order.
+pub fn write_batch(q: &mut dyn IoQueue, writes: &[(u64, Vec<u8>)], depth: usize) -> Vec<Result<(), IoError>> {
+    let bufs: Vec<IoBuf> = writes
+        .iter()
+        .map(|(_, d)| {
+            let mut b = IoBuf::new(d.len()).unwrap();
+            b.as_mut_slice().copy_from_slice(d);
+            b
+        })
+        .collect();
+    let mut results = vec![Ok(()); writes.len()];
+    let mut next = 0;
+    let mut in_flight = 0;
+    let mut done = 0;
+    let mut out = [udm_drivers::Completion::EMPTY; 16];
+    while done < writes.len() {
+        while next < writes.len() && in_flight < depth {
+            let req = IoRequest::write(writes[next].0, bufs[next].sg(0, bufs[next].len()), next as u64);
+            match q.submit(req) {
+                Ok(()) => {
+                    next += 1;
+                    in_flight += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        q.kick();
+        let n = q.poll(&mut out);
+        for c in &out[..n] {
+            results[c.tag as usize] = c.result;
+            in_flight -= 1;
+            done += 1;
+        }
+        if n == 0 {
+            std::thread::yield_now();
+        }
+    }
+    results
+}
+
+/// A small deterministic generator (xorshift), so failures reproduce from a seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0.max(1);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let tag = self.next();
+        (0..len).map(|i| (tag.wrapping_add(i as u64 * 0x9E37) >> 8) as u8).collect()
+    }
+}

@@ -70,6 +70,13 @@ Examples:
   udm bench --device fault:corrupt=2048@mem:64M --rw randwrite --verify --time 1
   udm bench --device dm:vol.table --device disk0=mem:1G --device disk1=mem:1G --threads 2
 
+Device specs: null:<size> (stores nothing, reads zeroes); mem:<size> (RAM disk);
+file:<path> (regular file or block device through io_uring, O_DIRECT when possible;
+options ,ro  ,direct=off  ,bs=<logical block size>); fault:<faults>@<spec> wraps any of
+them, faults being fail-after=N (every request fails after N writes), power-loss=N[,seed=S]
+(write N torn, later writes acknowledged but dropped), corrupt=SECTOR (repeatable: reads
+of that sector return one byte inverted).
+
 --verify first writes a pattern over the whole device (every sector carries its sector
 number and a generation), runs the workload with writes bumping the generation and reads
 checking it, then reads every block back. Each thread works on its own slice of the
@@ -269,7 +276,6 @@ pub fn run(args: &BenchArgs) -> Result<Report, BenchError> {
     let cpu0 = cpu_times();
     let live = std::io::stderr().is_terminal() && args.time > Duration::from_secs(2) && !args.json;
     progress::show(&shared.progress, &shared.finished, args.time, bs, live);
-    let seconds = t0.elapsed().as_secs_f64();
     let cpu1 = cpu_times();
 
     let mut outcomes = Vec::with_capacity(threads);
@@ -285,6 +291,9 @@ pub fn run(args: &BenchArgs) -> Result<Report, BenchError> {
     if let Some(e) = first_error {
         return Err(e);
     }
+    // From the common start to the last thread's drain.
+    let seconds = outcomes.iter().filter_map(|o| o.timed_end).max().map_or(0.0, |end| (end - t0).as_secs_f64());
+    let seconds = seconds.max(1e-6);
     let mut merged = outcomes.pop().expect("at least one thread");
     for o in outcomes {
         merged.reads += o.reads;

@@ -29,7 +29,7 @@ pub fn show(counters: &[Counter], finished: &AtomicUsize, total: Duration, bytes
     let mut last = (Instant::now(), 0u64);
     let mut printed = false;
     while finished.load(Ordering::Acquire) < counters.len() {
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(10));
         if !live || last.0.elapsed() < Duration::from_secs(1) {
             continue;
         }

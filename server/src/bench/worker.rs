@@ -63,6 +63,8 @@ pub struct Outcome {
     pub mismatch: Option<Mismatch>,
     /// Blocks whose content `--verify` checked.
     pub verified: u64,
+    /// When the timed phase had drained.
+    pub timed_end: Option<std::time::Instant>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -117,6 +119,7 @@ pub fn run(index: usize, device: Arc<dyn BlockDevice>, job: Job, shared: Arc<Sha
     let mut w = prepared?;
     let deadline = shared.clock.now() + w.job.duration_ticks;
     let timed = w.pump(Phase::Timed { deadline }, &shared, index);
+    w.out.timed_end = Some(std::time::Instant::now());
     shared.finished.fetch_add(1, Ordering::AcqRel);
     timed?;
     if w.job.verify && w.out.failure.is_none() && w.out.mismatch.is_none() {
@@ -172,6 +175,7 @@ impl Worker {
                 failure: None,
                 mismatch: None,
                 verified: 0,
+                timed_end: None,
             },
         })
     }
@@ -231,14 +235,19 @@ impl Worker {
         let clock = shared.clock;
         let mut issuing = true;
         let mut done: u64 = 0;
+        // The first round is always issued, so even a thread descheduled past its
+        // deadline measures something.
+        let mut first = true;
         loop {
             let now = clock.now();
             if issuing
+                && !first
                 && (shared.stop.load(Ordering::Relaxed)
                     || matches!(phase, Phase::Timed { deadline } if now >= deadline))
             {
                 issuing = false;
             }
+            first = false;
             while issuing {
                 let Some(&slot) = self.free.last() else { break };
                 let Some((op, block)) = self.next_io(phase) else {

@@ -1,5 +1,11 @@
 //! One io_uring per queue. Slot `i` of the queue owns user_data `i` and `SLOT_IOVECS`
 //! iovecs of a preallocated array, so nothing is allocated per request.
+//!
+//! Where the kernel allows (6.1+), the ring is single-issuer with deferred task work:
+//! completions are posted only when the owning thread polls, so a polling thread is
+//! never interrupted to post them. The ring is created disabled and bound to the first
+//! thread that kicks or polls the queue; a queue may move to its thread after
+//! `open_queue` but must stay there afterwards, as the I/O contract asks.
 
 use std::fs::File;
 use std::io;
@@ -8,6 +14,7 @@ use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
+use super::buffers::{BufferRegistry, FixedBuffers};
 use super::FileKind;
 use crate::completion_ring::CompletionRing;
 use crate::device::{DeviceInfo, IoQueue};
@@ -53,10 +60,15 @@ pub(super) struct FileQueue {
     rejected: CompletionRing,
     /// Entries pushed to the submission ring that the kernel has not taken yet.
     unsubmitted: usize,
+    /// The ring waits to be enabled by the thread that uses it.
+    disabled: bool,
     depth: usize,
     info: DeviceInfo,
     kind: FileKind,
     direct: bool,
+    /// Memory registered with the device, and this ring's registration of it.
+    registry: Arc<BufferRegistry>,
+    fixed: FixedBuffers,
     /// Keeps the registered descriptor open while the ring may use it.
     _file: Arc<File>,
 }
@@ -97,24 +109,40 @@ impl FileQueue {
         info: DeviceInfo,
         kind: FileKind,
         direct: bool,
+        registry: Arc<BufferRegistry>,
         depth: usize,
     ) -> Result<Self, DeviceError> {
         let depth = depth.clamp(1, MAX_DEPTH);
         let entries = depth.next_power_of_two() as u32;
-        let ring = IoUring::builder()
-            // Completions that need task work only flag it instead of interrupting the
-            // polling thread; `poll` enters the kernel when the flag is up.
-            .setup_coop_taskrun()
+        // Completion work is deferred to our own `poll` (no interrupts of the polling
+        // thread) and flagged in the shared ring; that needs a single submitting thread,
+        // fixed when the ring is enabled on first use (queues move to their thread
+        // after opening). Older kernels get cooperative task work, or plain rings.
+        let (ring, disabled) = match IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
             .setup_taskrun_flag()
+            .setup_r_disabled()
             .setup_cqsize(entries * 2)
             .build(entries)
-            .or_else(|_| IoUring::builder().setup_cqsize(entries * 2).build(entries))
-            .map_err(ring_error)?;
+        {
+            Ok(r) => (r, true),
+            Err(_) => (
+                IoUring::builder()
+                    .setup_coop_taskrun()
+                    .setup_taskrun_flag()
+                    .setup_cqsize(entries * 2)
+                    .build(entries)
+                    .or_else(|_| IoUring::builder().setup_cqsize(entries * 2).build(entries))
+                    .map_err(ring_error)?,
+                false,
+            ),
+        };
         ring.submitter()
             .register_files(&[file.as_raw_fd()])
             .map_err(|e| DeviceError::io("cannot register the file with io_uring", e))?;
         let empty = Slot { req: IoRequest::flush(0), done: 0, fallback: false };
-        Ok(FileQueue {
+        let mut queue = FileQueue {
             ring,
             slots: vec![empty; depth].into_boxed_slice(),
             free: (0..depth as u32).rev().collect(),
@@ -122,12 +150,66 @@ impl FileQueue {
                 .into_boxed_slice(),
             rejected: CompletionRing::new(depth),
             unsubmitted: 0,
+            disabled,
             depth,
             info,
             kind,
             direct,
+            registry,
+            fixed: FixedBuffers::default(),
             _file: file,
-        })
+        };
+        queue.refresh_buffers();
+        Ok(queue)
+    }
+
+    /// Follows changes to the device's registered memory. Cheap when nothing changed
+    /// (one atomic load). A stale table is dropped at once, so no request can use a
+    /// region after it was unregistered; the ring is re-registered when no submission
+    /// entry (which may name an old index) waits in the ring.
+    #[inline]
+    fn follow_buffers(&mut self) {
+        if self.registry.generation() != self.fixed.seen {
+            self.fixed.table.clear();
+            if self.unsubmitted == 0 {
+                self.refresh_buffers();
+            }
+        }
+    }
+
+    #[cold]
+    fn refresh_buffers(&mut self) {
+        let (generation, pieces) = self.registry.pieces();
+        let submitter = self.ring.submitter();
+        if self.fixed.in_kernel {
+            // Requests already issued keep their buffers: the kernel counts references.
+            let _ = submitter.unregister_buffers();
+            self.fixed.in_kernel = false;
+        }
+        self.fixed.seen = generation;
+        self.fixed.table.clear();
+        if pieces.is_empty() {
+            return;
+        }
+        // SAFETY: the pieces describe memory the owner registered with the device and
+        // promised to keep mapped until it unregisters it; before that happens this
+        // queue drops its table (`follow_buffers`) and the registration is replaced.
+        match unsafe { submitter.register_buffers(&pieces) } {
+            Ok(()) => {
+                self.fixed.in_kernel = true;
+                self.fixed.table =
+                    pieces.iter().map(|p| (p.iov_base as usize, p.iov_base as usize + p.iov_len)).collect();
+                self.fixed.warned = false;
+            }
+            Err(e) => {
+                if !self.fixed.warned {
+                    tracing::warn!(
+                        "cannot register I/O memory with io_uring ({e}); continuing without fixed buffers                          (raise `ulimit -l` if this is a memory-lock limit)"
+                    );
+                    self.fixed.warned = true;
+                }
+            }
+        }
     }
 
     /// The submission entry for what remains of slot `idx`'s request.
@@ -186,6 +268,13 @@ impl FileQueue {
         let (first, first_len) = chunks.next().ok_or(IoError::BadBuffer { reason: "empty scatter-gather list" })?;
         if first_len == sg.len() {
             self.check_direct_alignment(first, first_len)?;
+            if let Some(index) = self.fixed.lookup(first, first_len) {
+                return Ok(if op == IoOp::Read {
+                    opcode::ReadFixed::new(FILE, first, first_len as u32, index).offset(offset).rw_flags(flags).build()
+                } else {
+                    opcode::WriteFixed::new(FILE, first, first_len as u32, index).offset(offset).rw_flags(flags).build()
+                });
+            }
             return Ok(if op == IoOp::Read {
                 opcode::Read::new(FILE, first, first_len as u32).offset(offset).rw_flags(flags).build()
             } else {
@@ -244,6 +333,13 @@ impl FileQueue {
 
     /// One `io_uring_enter` for everything pushed (and for pending task work).
     fn enter(&mut self) {
+        if self.disabled {
+            if let Err(e) = self.ring.submitter().register_enable_rings() {
+                tracing::error!("cannot enable the io_uring: {e}");
+                return;
+            }
+            self.disabled = false;
+        }
         match self.ring.submit() {
             Ok(n) => self.unsubmitted = self.unsubmitted.saturating_sub(n),
             // Out of kernel resources for now: the entries stay in the ring and the next
@@ -327,6 +423,7 @@ impl IoQueue for FileQueue {
             self.rejected.push(Completion { tag: req.tag, result: Err(e) });
             return Ok(());
         }
+        self.follow_buffers();
         let idx = self.free.pop().expect("a free slot: in_flight < depth") as usize;
         self.slots[idx] = Slot { req, done: 0, fallback: false };
         match self.prepare(idx) {
@@ -384,6 +481,9 @@ impl Drop for FileQueue {
     /// The kernel may still be reading or writing the slots' iovecs and the submitters'
     /// buffers: wait for every request before the memory goes away.
     fn drop(&mut self) {
+        if self.disabled {
+            return; // never entered: nothing reached the kernel
+        }
         while self.busy_slots() > 0 {
             if let Err(e) = self.ring.submit_and_wait(1) {
                 if e.raw_os_error() != Some(libc::EINTR) {
@@ -396,5 +496,20 @@ impl Drop for FileQueue {
                 let _ = self.complete(cqe.user_data() as usize, cqe.result());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_without_io_uring_gets_an_unavailable_error_that_says_why() {
+        for (errno, needle) in [(libc::ENOSYS, "Linux 5.6"), (libc::EPERM, "io_uring_disabled")] {
+            let e = ring_error(io::Error::from_raw_os_error(errno));
+            assert!(matches!(e, DeviceError::Unavailable { what: "io_uring", .. }), "{e:?}");
+            assert!(e.to_string().contains(needle), "{e}");
+        }
+        assert!(matches!(ring_error(io::Error::from_raw_os_error(libc::ENOMEM)), DeviceError::Io { .. }));
     }
 }
