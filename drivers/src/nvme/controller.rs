@@ -144,7 +144,11 @@ impl Controller {
             let fit = (PAGE / (2 * ctrl.caps.doorbell_stride)) as u16 - 1;
             ctrl.io_queue_pairs = pairs.min(fit);
             if ctrl.shadow {
-                ctrl.configure_shadow(&mut admin)?;
+                if let Err(e) = ctrl.configure_shadow(&mut admin) {
+                    // Doorbell registers work everywhere; shadow doorbells only save MMIO.
+                    tracing::warn!(bdf = %bdf, error = %e, "shadow doorbells refused: using MMIO doorbells");
+                    ctrl.shadow = false;
+                }
             }
             ctrl.namespaces = ctrl.scan_namespaces(&mut admin)?;
         }
