@@ -300,7 +300,8 @@ impl Controller {
     /// Runs one admin command to completion (polling), returning its DW0.
     fn run_admin(&self, admin: &mut AdminQueue, mut cmd: Command) -> Result<Result<u32, AdminStatus>, DeviceError> {
         let cid = admin.next_cid;
-        admin.next_cid = admin.next_cid.wrapping_add(1);
+        // CID FFFFh is reserved (it means "no command" in the error log).
+        admin.next_cid = if admin.next_cid >= 0xfffe { 0 } else { admin.next_cid + 1 };
         cmd.set_cid(cid);
         admin.ring.push(&cmd);
         admin.ring.ring_sq();
