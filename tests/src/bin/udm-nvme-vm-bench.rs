@@ -51,6 +51,9 @@ fn main() {
     }
     let dev = format!("nvme:{BDF}/1");
     let udm = |rw: &str, qd: u32| format!("udm bench --device {dev} --rw {rw} --bs 4k --qd {qd} --time {secs}s --json");
+    let udm_mmio = |rw: &str, qd: u32| {
+        format!("udm bench --device {dev},shadow=off --rw {rw} --bs 4k --qd {qd} --time {secs}s --json")
+    };
     // qemu-img bench counts requests, not time: sized for roughly `secs` seconds at
     // the rates this setup reaches.
     let qimg = |qd: u32, count: u64, write: bool| {
@@ -72,6 +75,7 @@ fn main() {
         Run { name: "udm", workload: "randread qd1", command: udm("randread", 1) },
         Run { name: "udm", workload: "randread qd32", command: udm("randread", 32) },
         Run { name: "udm", workload: "randwrite qd32", command: udm("randwrite", 32) },
+        Run { name: "udm", workload: "randread qd32, MMIO doorbells", command: udm_mmio("randread", 32) },
         Run { name: "qemu-img", workload: "randread qd1", command: qimg(1, 1500 * secs, false) },
         Run { name: "qemu-img", workload: "randread qd32", command: qimg(32, 4000 * secs, false) },
         Run { name: "qemu-img", workload: "randwrite qd32", command: qimg(32, 4000 * secs, true) },
