@@ -16,6 +16,10 @@
 //!   nothing is allocated or copied per request.
 //! * Completions come only out of [`IoQueue::poll`], never from inside `submit`.
 //! * Sectors are always 512 bytes; backends enforce their own logical block size.
+//! * [`backends::fault::FaultDevice`] wraps any device to fail, tear, drop or corrupt
+//!   I/O on command, for crash and verification tests.
+//! * [`backend_spec::open_backend`] opens a device from text: `null:1G`, `mem:1G`,
+//!   `file:/path[,ro][,direct=off][,bs=N]`, `fault:<faults>@<spec>`.
 
 pub mod backend_spec;
 pub mod backends;

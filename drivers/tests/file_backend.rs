@@ -118,6 +118,50 @@ fn a_queue_opened_on_one_thread_works_on_another() {
     .unwrap();
 }
 
+/// Pages pinned long-term by this process (io_uring registered buffers count here).
+fn pinned_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmPin:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn registered_memory_uses_fixed_buffers_and_can_be_withdrawn() {
+    let img = image(4 << 20);
+    let dev = FileDevice::open(img.path(), &FileOptions::default()).unwrap();
+    let mut q = dev.open_queue(8).unwrap();
+    let registered = Buffer::new(1 << 20);
+    let region = registered.mem.region();
+    let before = pinned_kib();
+    dev.register_memory(region).unwrap();
+    // Whole 64 KiB pieces of the registered memory (single-buffer requests go through
+    // READ_FIXED/WRITE_FIXED), and an unregistered buffer beside them.
+    let whole: Vec<udm_drivers::IoSegment> = (0..16)
+        // SAFETY: inside `registered`, which outlives the requests.
+        .map(|i| unsafe { udm_drivers::IoSegment::new(registered.mem.as_ptr().add(i << 16), 1 << 16) })
+        .collect();
+    // SAFETY: `whole` and `registered` outlive the requests.
+    let lists: Vec<udm_drivers::SgList> =
+        whole.iter().map(|s| unsafe { udm_drivers::SgList::from_segment(s) }).collect();
+    fill(registered.bytes(), 0, 8);
+    let writes: Vec<IoRequest> = (0..16).map(|i| IoRequest::write(i as u64 * 128, lists[i], 0)).collect();
+    assert!(run(&mut *q, &writes).iter().all(|r| r.is_ok()));
+    assert!(pinned_kib() >= before + 1024, "the megabyte is pinned by the ring: {} -> {}", before, pinned_kib());
+    registered.bytes().fill(0);
+    let reads: Vec<IoRequest> = (0..16).map(|i| IoRequest::read(i as u64 * 128, lists[i], 0)).collect();
+    assert!(run(&mut *q, &reads).iter().all(|r| r.is_ok()));
+    assert_eq!(first_mismatch(registered.bytes(), 0, 8), None);
+    assert_eq!(first_mismatch(&read_back(&mut *q, 0, 2048), 0, 8), None);
+    // Withdrawn: the next request drops the registration and still works.
+    dev.unregister_memory(region).unwrap();
+    assert!(dev.unregister_memory(region).is_err(), "unknown regions are refused");
+    assert_eq!(run_one(&mut *q, IoRequest::read(0, lists[0], 0)), Ok(()));
+    assert!(pinned_kib() < before + 1024);
+}
+
 #[test]
 fn every_error_path_fails_the_request_not_the_queue() {
     let img = image(1 << 20);
@@ -139,6 +183,26 @@ fn every_error_path_fails_the_request_not_the_queue() {
     }
     // The queue still works.
     assert_eq!(run_one(&mut *q, IoRequest::read(0, sg, 0)), Ok(()));
+}
+
+/// A file that shrinks under the device: reads that reach the new end come back short;
+/// the queue continues them from where they stopped and fails what lies past the end.
+#[test]
+fn short_reads_are_continued_and_reads_past_a_shrunken_end_fail() {
+    let img = image(1 << 20);
+    let dev = FileDevice::open(img.path(), &FileOptions::default()).unwrap();
+    let mut q = dev.open_queue(4).unwrap();
+    assert_eq!(write_pattern(&mut *q, 0, 2048, 2), Ok(()));
+    img.as_file().set_len(512 << 10).unwrap();
+    let b = Buffer::new(8192);
+    // Entirely inside the remaining part: fine.
+    assert_eq!(run_one(&mut *q, IoRequest::read(1000, b.sg(), 0)), Ok(()));
+    assert_eq!(first_mismatch(b.bytes(), 1000, 2), None);
+    // Straddling the new end: the first 4 KiB arrive, then end of file.
+    assert_eq!(run_one(&mut *q, IoRequest::read(1016, b.sg(), 0)), Err(IoError::Host { errno: libc::EIO }));
+    assert_eq!(first_mismatch(&b.bytes()[..4096], 1016, 2), None);
+    // Wholly past it.
+    assert_eq!(run_one(&mut *q, IoRequest::read(1536, b.sg(), 0)), Err(IoError::Host { errno: libc::EIO }));
 }
 
 #[test]

@@ -40,9 +40,10 @@ fn verify_passes_on_a_sound_ram_disk_with_several_threads() {
     // Prefill + read-back alone check every block once: 16 MiB / 4 KiB.
     assert!(r["verify"]["checked_blocks"].as_u64().unwrap() >= 4096, "{r}");
     assert!(r["verify"]["mismatch"].is_null());
-    assert!(r["read"]["ios"].as_u64().unwrap() > 0 && r["write"]["ios"].as_u64().unwrap() > 0);
+    let op = if r["read"].is_null() { "write" } else { "read" };
+    assert!(r[op]["ios"].as_u64().unwrap() > 0);
     for key in ["p50", "p99", "p99_9", "max"] {
-        assert!(r["read"]["lat_us"][key].as_f64().unwrap() > 0.0, "{key}");
+        assert!(r[op]["lat_us"][key].as_f64().unwrap() > 0.0, "{key}");
     }
     assert!(r["cpu"]["user_s"].as_f64().unwrap() >= 0.0);
 }
@@ -75,12 +76,13 @@ fn verify_catches_a_corrupted_device_and_names_the_sector() {
 
 #[test]
 fn verify_catches_lost_writes_after_a_power_loss() {
-    // The prefill writes the 2048 blocks; timed writes after the 3000th write are
-    // acknowledged and dropped, so the read-back finds stale data.
+    // The power fails during the prefill (2048 writes of 4 KiB): the 1000th write is
+    // torn and later ones are acknowledged but dropped, so the read-back finds blocks
+    // that never received their pattern, however long the timed phase ran.
     let out = udm(&[
         "bench",
         "--device",
-        "fault:power-loss=3000,seed=3@mem:8M",
+        "fault:power-loss=1000,seed=3@mem:8M",
         "--rw",
         "randwrite",
         "--qd",
@@ -97,7 +99,8 @@ fn verify_catches_lost_writes_after_a_power_loss() {
 
 #[test]
 fn io_errors_stop_the_run_with_status_2() {
-    let out = udm(&["bench", "--device", "fault:fail-after=100@mem:8M", "--rw", "randwrite", "--time", "2s", "--json"]);
+    let out =
+        udm(&["bench", "--device", "fault:fail-after=100@mem:8M", "--rw", "randwrite", "--time", "10s", "--json"]);
     assert_eq!(out.status.code(), Some(2));
     let r = json(&out);
     assert_eq!(r["failure"]["op"], "write");

@@ -132,7 +132,8 @@ fn copy_out_to_others(snap: &Arc<SnapshotShared>, entry: &OriginEntry, batch: Me
         while chunk << other.chunk_shift < end.min(other.length) {
             let mut meta = None;
             match other.lookup_or_prepare(chunk, false, &mut meta) {
-                Lookup::Complete(_) | Lookup::Invalid | Lookup::Overflow => {}
+                Lookup::Complete(_) => waits.push(Wait::Reads(Arc::clone(other), chunk)),
+                Lookup::Invalid | Lookup::Overflow => {}
                 Lookup::Pending(p) => waits.push(Wait::Pending(Arc::clone(other), p)),
                 Lookup::Prepared(p) => {
                     engine.start_copy(other, Arc::clone(&p));

@@ -129,12 +129,21 @@ impl OriginWrites {
                 continue;
             }
             let chunk = snap.chunk_of(sector);
+            // Already copied: only snapshot reads that started before the copy was
+            // committed may still be reading this chunk from the origin; wait for them.
             if snap.copied.get(chunk) {
+                if snap.origin_reads.busy(chunk) {
+                    waits.push(Wait::Reads(Arc::clone(snap), chunk));
+                }
                 continue;
             }
             let mut meta = None;
             match snap.lookup_or_prepare(chunk, false, &mut meta) {
-                Lookup::Complete(_) => {}
+                Lookup::Complete(_) => {
+                    if snap.origin_reads.busy(chunk) {
+                        waits.push(Wait::Reads(Arc::clone(snap), chunk));
+                    }
+                }
                 Lookup::Pending(p) => waits.push(Wait::Pending(Arc::clone(snap), p)),
                 Lookup::Prepared(p) => {
                     self.engine.start_copy(snap, Arc::clone(&p));

@@ -69,6 +69,13 @@ Examples:
   udm bench --device file:/var/tmp/disk.img --rw randwrite --qd 32 --verify
   udm bench --device fault:corrupt=2048@mem:64M --rw randwrite --verify --time 1
 
+Device specs: null:<size> (stores nothing, reads zeroes); mem:<size> (RAM disk);
+file:<path> (regular file or block device through io_uring, O_DIRECT when possible;
+options ,ro  ,direct=off  ,bs=<logical block size>); fault:<faults>@<spec> wraps any of
+them, faults being fail-after=N (every request fails after N writes), power-loss=N[,seed=S]
+(write N torn, later writes acknowledged but dropped), corrupt=SECTOR (repeatable: reads
+of that sector return one byte inverted).
+
 --verify first writes a pattern over the whole device (every sector carries its sector
 number and a generation), runs the workload with writes bumping the generation and reads
 checking it, then reads every block back. Each thread works on its own slice of the

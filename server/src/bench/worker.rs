@@ -235,14 +235,19 @@ impl Worker {
         let clock = shared.clock;
         let mut issuing = true;
         let mut done: u64 = 0;
+        // The first round is always issued, so even a thread descheduled past its
+        // deadline measures something.
+        let mut first = true;
         loop {
             let now = clock.now();
             if issuing
+                && !first
                 && (shared.stop.load(Ordering::Relaxed)
                     || matches!(phase, Phase::Timed { deadline } if now >= deadline))
             {
                 issuing = false;
             }
+            first = false;
             while issuing {
                 let Some(&slot) = self.free.last() else { break };
                 let Some((op, block)) = self.next_io(phase) else {

@@ -6,10 +6,12 @@
 //! * Each [`IoQueue`] owns one io_uring with the file registered, so a queue is
 //!   lock-free and many requests are in flight at once. `kick` submits the whole batch
 //!   in one `io_uring_enter`; `poll` reaps the completion ring without blocking.
-//! * Read/Write map to read/write (one segment) or readv/writev; Flush to fdatasync;
+//! * Read/Write map to read/write (one segment; the fixed-buffer variants when the
+//!   buffer lies in memory given to `register_memory`) or readv/writev; Flush to fdatasync;
 //!   FUA writes carry `RWF_DSYNC`; Discard punches a hole (a real discard on block
 //!   devices, through BLOCK_URING_CMD_DISCARD where the kernel has it); WriteZeroes uses `FALLOC_FL_ZERO_RANGE`, falling back to punching a hole.
 
+mod buffers;
 mod geometry;
 mod open;
 mod queue;
@@ -18,7 +20,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::device::{BlockDevice, DeviceInfo, IoQueue};
+use crate::device::{BlockDevice, DeviceInfo, IoQueue, MemoryRegion};
 use crate::error::DeviceError;
 
 pub use geometry::FileKind;
@@ -48,6 +50,7 @@ pub struct FileDevice {
     path: PathBuf,
     direct: bool,
     kind: FileKind,
+    buffers: Arc<buffers::BufferRegistry>,
 }
 
 impl FileDevice {
@@ -67,7 +70,7 @@ impl FileDevice {
             block_size = info.logical_block_size,
             "opened file backend"
         );
-        Ok(FileDevice { info, file: Arc::new(file), path, direct, kind: geometry.kind })
+        Ok(FileDevice { info, file: Arc::new(file), path, direct, kind: geometry.kind, buffers: Arc::default() })
     }
 
     /// Whether I/O bypasses the page cache.
@@ -92,6 +95,23 @@ impl BlockDevice for FileDevice {
     }
 
     fn open_queue(&self, depth: usize) -> Result<Box<dyn IoQueue>, DeviceError> {
-        Ok(Box::new(queue::FileQueue::new(Arc::clone(&self.file), self.info.clone(), self.kind, self.direct, depth)?))
+        Ok(Box::new(queue::FileQueue::new(
+            Arc::clone(&self.file),
+            self.info.clone(),
+            self.kind,
+            self.direct,
+            Arc::clone(&self.buffers),
+            depth,
+        )?))
+    }
+
+    /// Registers `region` with every queue's io_uring (queues pick it up before their
+    /// next request), so requests into it skip per-I/O page pinning.
+    fn register_memory(&self, region: MemoryRegion) -> Result<(), DeviceError> {
+        self.buffers.add(region)
+    }
+
+    fn unregister_memory(&self, region: MemoryRegion) -> Result<(), DeviceError> {
+        self.buffers.remove(region)
     }
 }

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
+use super::buffers::{BufferRegistry, FixedBuffers};
 use super::FileKind;
 use crate::completion_ring::CompletionRing;
 use crate::device::{DeviceInfo, IoQueue};
@@ -65,6 +66,9 @@ pub(super) struct FileQueue {
     info: DeviceInfo,
     kind: FileKind,
     direct: bool,
+    /// Memory registered with the device, and this ring's registration of it.
+    registry: Arc<BufferRegistry>,
+    fixed: FixedBuffers,
     /// Keeps the registered descriptor open while the ring may use it.
     _file: Arc<File>,
 }
@@ -105,6 +109,7 @@ impl FileQueue {
         info: DeviceInfo,
         kind: FileKind,
         direct: bool,
+        registry: Arc<BufferRegistry>,
         depth: usize,
     ) -> Result<Self, DeviceError> {
         let depth = depth.clamp(1, MAX_DEPTH);
@@ -137,7 +142,7 @@ impl FileQueue {
             .register_files(&[file.as_raw_fd()])
             .map_err(|e| DeviceError::io("cannot register the file with io_uring", e))?;
         let empty = Slot { req: IoRequest::flush(0), done: 0, fallback: false };
-        Ok(FileQueue {
+        let mut queue = FileQueue {
             ring,
             slots: vec![empty; depth].into_boxed_slice(),
             free: (0..depth as u32).rev().collect(),
@@ -150,8 +155,61 @@ impl FileQueue {
             info,
             kind,
             direct,
+            registry,
+            fixed: FixedBuffers::default(),
             _file: file,
-        })
+        };
+        queue.refresh_buffers();
+        Ok(queue)
+    }
+
+    /// Follows changes to the device's registered memory. Cheap when nothing changed
+    /// (one atomic load). A stale table is dropped at once, so no request can use a
+    /// region after it was unregistered; the ring is re-registered when no submission
+    /// entry (which may name an old index) waits in the ring.
+    #[inline]
+    fn follow_buffers(&mut self) {
+        if self.registry.generation() != self.fixed.seen {
+            self.fixed.table.clear();
+            if self.unsubmitted == 0 {
+                self.refresh_buffers();
+            }
+        }
+    }
+
+    #[cold]
+    fn refresh_buffers(&mut self) {
+        let (generation, pieces) = self.registry.pieces();
+        let submitter = self.ring.submitter();
+        if self.fixed.in_kernel {
+            // Requests already issued keep their buffers: the kernel counts references.
+            let _ = submitter.unregister_buffers();
+            self.fixed.in_kernel = false;
+        }
+        self.fixed.seen = generation;
+        self.fixed.table.clear();
+        if pieces.is_empty() {
+            return;
+        }
+        // SAFETY: the pieces describe memory the owner registered with the device and
+        // promised to keep mapped until it unregisters it; before that happens this
+        // queue drops its table (`follow_buffers`) and the registration is replaced.
+        match unsafe { submitter.register_buffers(&pieces) } {
+            Ok(()) => {
+                self.fixed.in_kernel = true;
+                self.fixed.table =
+                    pieces.iter().map(|p| (p.iov_base as usize, p.iov_base as usize + p.iov_len)).collect();
+                self.fixed.warned = false;
+            }
+            Err(e) => {
+                if !self.fixed.warned {
+                    tracing::warn!(
+                        "cannot register I/O memory with io_uring ({e}); continuing without fixed buffers                          (raise `ulimit -l` if this is a memory-lock limit)"
+                    );
+                    self.fixed.warned = true;
+                }
+            }
+        }
     }
 
     /// The submission entry for what remains of slot `idx`'s request.
@@ -210,6 +268,13 @@ impl FileQueue {
         let (first, first_len) = chunks.next().ok_or(IoError::BadBuffer { reason: "empty scatter-gather list" })?;
         if first_len == sg.len() {
             self.check_direct_alignment(first, first_len)?;
+            if let Some(index) = self.fixed.lookup(first, first_len) {
+                return Ok(if op == IoOp::Read {
+                    opcode::ReadFixed::new(FILE, first, first_len as u32, index).offset(offset).rw_flags(flags).build()
+                } else {
+                    opcode::WriteFixed::new(FILE, first, first_len as u32, index).offset(offset).rw_flags(flags).build()
+                });
+            }
             return Ok(if op == IoOp::Read {
                 opcode::Read::new(FILE, first, first_len as u32).offset(offset).rw_flags(flags).build()
             } else {
@@ -358,6 +423,7 @@ impl IoQueue for FileQueue {
             self.rejected.push(Completion { tag: req.tag, result: Err(e) });
             return Ok(());
         }
+        self.follow_buffers();
         let idx = self.free.pop().expect("a free slot: in_flight < depth") as usize;
         self.slots[idx] = Slot { req, done: 0, fallback: false };
         match self.prepare(idx) {
