@@ -348,6 +348,9 @@ impl TargetQueue for SnapshotQueue {
     }
 
     fn poll(&mut self, ctx: &mut TargetContext<'_>) {
+        if self.held.is_empty() && self.retry.is_empty() && self.engine.is_idle() {
+            return;
+        }
         self.engine.poll();
         for (dev, req, t) in std::mem::take(&mut self.retry) {
             if let Err(full) = ctx.submit(dev, req, t) {

@@ -82,7 +82,8 @@ request failed; 3 --verify found wrong data.";
 #[command(after_help = AFTER_HELP)]
 pub struct BenchArgs {
     /// Device to measure: null:<size>, mem:<size>, file:<path>[,ro][,direct=off][,bs=<n>],
-    /// or fault:<faults>@<spec>. Sizes take K/M/G/T suffixes.
+    /// or fault:<faults>@<spec>, optionally named (disk=mem:1G); or dm:<stack-file> over the
+    /// named ones (see bench/device.rs). Sizes take K/M/G/T suffixes.
     #[arg(long = "device", short = 'd', value_name = "SPEC", required = true)]
     pub devices: Vec<String>,
 
