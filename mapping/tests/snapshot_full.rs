@@ -124,8 +124,13 @@ fn table_lines_reparse_to_the_same_table_and_bad_lines_are_refused() {
         assert!(!err.to_string().is_empty(), "{bad}");
         assert!(reg.device("t").is_err());
     }
-    // One COW serves one snapshot at a time.
+    // One COW serves one snapshot at a time: another origin cannot take it, and only
+    // one table may stand ready to take it over.
     reg.create("a", None, Some(&format!("0 {ORIGIN} snapshot base-real big-cow P 8"))).unwrap();
+    reg.create("other-real", None, Some(&format!("0 {ORIGIN} linear odisk 0"))).unwrap();
+    let err = reg.create("b", None, Some(&format!("0 {ORIGIN} snapshot other-real big-cow P 8"))).unwrap_err();
+    assert!(err.to_string().contains("another origin"), "{err}");
+    reg.load("a", &format!("0 {ORIGIN} snapshot base-real big-cow P 8")).unwrap();
     let err = reg.create("b", None, Some(&format!("0 {ORIGIN} snapshot base-real big-cow P 8"))).unwrap_err();
-    assert!(err.to_string().contains("already in use"), "{err}");
+    assert!(err.to_string().contains("only one handover"), "{err}");
 }
