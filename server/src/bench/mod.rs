@@ -91,7 +91,8 @@ request failed; 3 --verify found wrong data.";
 pub struct BenchArgs {
     /// Device to measure: null:<size>, mem:<size>, file:<path>[,ro][,direct=off][,bs=<n>],
     /// fault:<faults>@<spec>, or dm:<table-file> (a device-mapper table naming the other
-    /// devices, given as name=<spec> or name=dm:<table-file>). Sizes take K/M/G/T suffixes.
+    /// devices, given as name=<spec> or name=dm:<table-file>; or a stack file of
+    /// `<name>: <table line>` lines, the last device measured). Sizes take K/M/G/T suffixes.
     #[arg(long = "device", short = 'd', value_name = "SPEC", required = true)]
     pub devices: Vec<String>,
 
