@@ -90,7 +90,7 @@ fn main() -> Result<(), String> {
         rng ^= rng << 17;
         (rng % blocks) * a.bs as u64
     };
-    let mut submit = |q: &mut blkio::Blkioq, slot: usize, off: u64| {
+    let submit = |q: &mut blkio::Blkioq, slot: usize, off: u64| {
         let buf = (region.addr + slot * a.bs) as *mut u8;
         match a.rw {
             Rw::Randread => q.read(off, buf, a.bs, slot, ReqFlags::empty()),
