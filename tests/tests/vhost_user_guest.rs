@@ -105,3 +105,43 @@ fn ext4_on_a_udm_volume_and_on_its_snapshot() {
     assert!(stats[0].total.writes > 0 && stats[0].queues.len() == 2);
     daemon.shutdown();
 }
+
+#[test]
+fn growing_the_volume_reaches_the_running_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = std::sync::Arc::new(Daemon::new(vec![]));
+    let config = Config {
+        control: dir.path().join("udm.ctl"),
+        backends: vec![
+            BackendConfig { name: "ram0".into(), spec: "mem:64M".into() },
+            BackendConfig { name: "ram1".into(), spec: "mem:64M".into() },
+        ],
+        devices: vec![DeviceConfig { name: "vol0".into(), table: "0 131072 linear ram0 0".into(), uuid: None }],
+        snapshots: vec![],
+        exports: vec![export(dir.path(), "vol0", 1, false)],
+    };
+    daemon.apply(&config).unwrap();
+    let guest = guest().vhost_user_blk(dir.path().join("vol0.sock"), 1).script(
+        "echo size0=$(cat /sys/block/vda/size)\n\
+         echo ready > /dev/vda\n\
+         i=0; while [ $(cat /sys/block/vda/size) = 131072 ] && [ $i -lt 600 ]; do sleep 0.2; i=$((i+1)); done\n\
+         echo size1=$(cat /sys/block/vda/size)\n\
+         dd if=/dev/zero of=/dev/vda bs=4096 seek=$((196608 / 8 - 1)) count=1 oflag=direct 2>/dev/null && echo tail-written",
+    );
+    let run = std::thread::spawn(move || guest.run());
+    // Wait for the guest's first write, so the resize lands while it runs.
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    while daemon.stats(Some("vol0")).unwrap()[0].total.writes == 0 {
+        assert!(std::time::Instant::now() < deadline, "the guest never wrote");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    daemon.dm_load("vol0", "0 131072 linear ram0 0\n131072 65536 linear ram1 0").unwrap();
+    daemon.dm_suspend("vol0", false).unwrap();
+    daemon.dm_resume("vol0").unwrap();
+    let out = run.join().unwrap().unwrap();
+    out.assert_success();
+    assert!(out.output.contains("size0=131072"), "{}", out.output);
+    assert!(out.output.contains("size1=196608"), "the guest saw the new size:\n{}", out.output);
+    assert!(out.output.contains("tail-written"), "{}", out.output);
+    daemon.shutdown();
+}
