@@ -120,6 +120,42 @@ pub struct ExportCore {
 }
 
 impl ExportCore {
+    /// Validates `config` and builds the state its connections share.
+    pub(crate) fn new(config: &ExportConfig, device: Arc<dyn BlockDevice>) -> Result<Arc<ExportCore>, ExportError> {
+        let bad = |reason: String| ExportError::Config { name: config.name.clone(), reason };
+        if config.num_queues == 0 || config.num_queues > 64 {
+            return Err(bad(format!("num_queues {} is out of range: use 1 to 64", config.num_queues)));
+        }
+        if !config.queue_size.is_power_of_two() || !(2..=1024).contains(&config.queue_size) {
+            return Err(bad(format!("queue_size {} must be a power of two from 2 to 1024", config.queue_size)));
+        }
+        let serial_text = config.serial.clone().unwrap_or_else(|| config.name.clone());
+        if serial_text.len() > ID_BYTES {
+            return Err(bad(format!("serial `{serial_text}` is longer than {ID_BYTES} bytes")));
+        }
+        let mut serial = [0u8; ID_BYTES];
+        serial[..serial_text.len()].copy_from_slice(serial_text.as_bytes());
+        let info = device.info();
+        let shared = Arc::new(Shared {
+            limits: ArcSwap::from_pointee(Limits::new(&info, config.read_only)),
+            serial,
+            mode: config.poll,
+            stats: (0..config.num_queues).map(|_| Arc::new(QueueStats::new())).collect(),
+        });
+        Ok(Arc::new(ExportCore {
+            name: config.name.clone(),
+            device,
+            shared,
+            num_queues: config.num_queues,
+            queue_size: config.queue_size,
+            cpus: config.cpus.clone(),
+            read_only: config.read_only,
+            backend_channel: Mutex::new(None),
+            connected: AtomicBool::new(false),
+            connections: AtomicU64::new(0),
+        }))
+    }
+
     /// The device's info as the export presents it (read-only if the export is).
     pub fn current_info(&self) -> DeviceInfo {
         let mut info = self.device.info();
@@ -154,38 +190,7 @@ pub struct ExportInfo {
 impl Export {
     /// Validates `config`, binds the socket and starts accepting front ends.
     pub fn start(config: ExportConfig, device: Arc<dyn BlockDevice>) -> Result<Export, ExportError> {
-        let bad = |reason: String| ExportError::Config { name: config.name.clone(), reason };
-        if config.num_queues == 0 || config.num_queues > 64 {
-            return Err(bad(format!("num_queues {} is out of range: use 1 to 64", config.num_queues)));
-        }
-        if !config.queue_size.is_power_of_two() || !(2..=1024).contains(&config.queue_size) {
-            return Err(bad(format!("queue_size {} must be a power of two from 2 to 1024", config.queue_size)));
-        }
-        let serial_text = config.serial.clone().unwrap_or_else(|| config.name.clone());
-        if serial_text.len() > ID_BYTES {
-            return Err(bad(format!("serial `{serial_text}` is longer than {ID_BYTES} bytes")));
-        }
-        let mut serial = [0u8; ID_BYTES];
-        serial[..serial_text.len()].copy_from_slice(serial_text.as_bytes());
-        let info = device.info();
-        let shared = Arc::new(Shared {
-            limits: ArcSwap::from_pointee(Limits::new(&info, config.read_only)),
-            serial,
-            mode: config.poll,
-            stats: (0..config.num_queues).map(|_| Arc::new(QueueStats::new())).collect(),
-        });
-        let core = Arc::new(ExportCore {
-            name: config.name.clone(),
-            device,
-            shared,
-            num_queues: config.num_queues,
-            queue_size: config.queue_size,
-            cpus: config.cpus.clone(),
-            read_only: config.read_only,
-            backend_channel: Mutex::new(None),
-            connected: AtomicBool::new(false),
-            connections: AtomicU64::new(0),
-        });
+        let core = ExportCore::new(&config, device)?;
         let listener = bind(&config.socket).map_err(|source| ExportError::Listen {
             name: config.name.clone(),
             path: config.socket.clone(),

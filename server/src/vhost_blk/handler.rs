@@ -433,3 +433,118 @@ impl BlkHandler {
         self.inflight = Some(region);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::fs::FileExt;
+    use std::time::{Duration, Instant};
+
+    use udm_drivers::backends::mem::MemDevice;
+    use udm_drivers::BlockDevice;
+
+    use super::*;
+    use crate::vhost_blk::export::{ExportConfig, ExportCore};
+    use crate::vhost_blk::PollMode;
+
+    fn fd_file(fd: i32) -> File {
+        assert!(fd >= 0);
+        // SAFETY: a descriptor this test just created and hands to the File alone.
+        unsafe { File::from_raw_fd(fd) }
+    }
+
+    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> [u8; 16] {
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+        d
+    }
+
+    /// A request the previous udm popped (marked in the inflight region) but never
+    /// completed is redone by the new one, exactly once, and the ring resumes after it.
+    #[test]
+    fn a_request_left_in_flight_by_a_dead_back_end_is_redone_once() {
+        let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20, 512).unwrap());
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+        udm_mapping::sync_io::write(dev.as_ref(), 8, &data, false).unwrap();
+        let cfg = ExportConfig {
+            name: "t".into(),
+            socket: "/nonexistent".into(),
+            device: "t".into(),
+            num_queues: 1,
+            queue_size: 8,
+            read_only: false,
+            poll: PollMode::Event,
+            cpus: vec![],
+            serial: None,
+        };
+        let core = ExportCore::new(&cfg, dev).unwrap();
+        let mut h = BlkHandler::new(Arc::clone(&core));
+
+        // Guest memory: a 1 MiB memfd. Ring layout: descriptors at 0, avail at 0x1000,
+        // used at 0x2000; a READ of sector 8 into 0x10000 with its status at 0x9000.
+        // SAFETY: plain memfd_create with a static name.
+        let mem = fd_file(unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) });
+        mem.set_len(1 << 20).unwrap();
+        let (next, write) = (1u16, 2u16);
+        mem.write_at(&desc(0x8000, 16, next, 1), 0).unwrap();
+        mem.write_at(&desc(0x10000, 4096, next | write, 2), 16).unwrap();
+        mem.write_at(&desc(0x9000, 1, write, 0), 32).unwrap();
+        let mut hdr = [0u8; 16];
+        hdr[8..16].copy_from_slice(&8u64.to_le_bytes());
+        mem.write_at(&hdr, 0x8000).unwrap();
+        mem.write_at(&[0xff], 0x9000).unwrap();
+        mem.write_at(&[0, 0, 1, 0, 0, 0], 0x1000).unwrap(); // flags 0, idx 1, ring[0] = head 0
+
+        // The previous back end took head 0 and died.
+        let region = InflightRegion::create(1, 8).unwrap();
+        let mut q = region.queue(0).unwrap();
+        q.recover(0, 8);
+        q.take(0);
+        drop(q);
+
+        let va = 0x7000_0000u64;
+        h.set_features((1 << 32) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()).unwrap();
+        h.set_mem_table(&[VhostUserMemoryRegion::new(0, 1 << 20, va, 0)], vec![mem.try_clone().unwrap()], None)
+            .unwrap();
+        let inflight =
+            VhostUserInflight { mmap_size: region.len() as u64, mmap_offset: 0, num_queues: 1, queue_size: 8 };
+        h.set_inflight_fd(&inflight, region.file().try_clone().unwrap()).unwrap();
+        h.set_vring_num(0, 8).unwrap();
+        h.set_vring_addr(0, VhostUserVringAddrFlags::empty(), va, va + 0x2000, va + 0x1000, 0).unwrap();
+        h.set_vring_base(0, 0).unwrap();
+        // SAFETY: eventfd with constant flags.
+        h.set_vring_call(0, Some(fd_file(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK) }))).unwrap();
+        // SAFETY: as above.
+        h.set_vring_kick(0, Some(fd_file(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK) }))).unwrap();
+        h.set_vring_enable(0, true).unwrap();
+
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut used = [0u8; 12];
+        loop {
+            mem.read_at(&mut used, 0x2000).unwrap();
+            if u16::from_le_bytes([used[2], used[3]]) == 1 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the in-flight request was not redone");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let state = h.get_vring_base(0).unwrap();
+        let num = state.num;
+        assert_eq!(num, 1, "the ring resumes after the redone request, which is not popped again");
+        assert_eq!(u32::from_le_bytes(used[4..8].try_into().unwrap()), 0, "used id");
+        assert_eq!(u32::from_le_bytes(used[8..12].try_into().unwrap()), 4097, "used len");
+        let mut status = [0xffu8];
+        mem.read_at(&mut status, 0x9000).unwrap();
+        assert_eq!(status[0], 0);
+        let mut got = vec![0u8; 4096];
+        mem.read_at(&mut got, 0x10000).unwrap();
+        assert_eq!(got, data);
+        assert_eq!(core.shared.stats[0].snapshot().reads, 1);
+        // The region now says nothing is in flight.
+        let mut q = region.queue(0).unwrap();
+        assert!(q.recover(1, 8).resubmit.is_empty());
+    }
+}
