@@ -291,3 +291,81 @@ fn resume_with_inactive_suspends_first_and_plain_resume_is_a_noop_when_active() 
     assert_eq!((info.generation, info.sectors, info.state), (g0 + 1, 128, DeviceState::Active));
     assert!(matches!(reg.table("vol", TableSlot::Inactive).as_deref(), Ok("")));
 }
+
+#[test]
+fn forced_removal_fails_held_io() {
+    let (reg, _d0, _d1) = registry_with_disks();
+    reg.create("v", None, Some("0 64 linear disk0 0")).unwrap();
+    let v = reg.device("v").unwrap();
+    let mut q = v.open_queue(4).unwrap();
+    reg.suspend("v", SuspendFlags::default()).unwrap();
+    let buf = Buf::zeroed(512);
+    q.submit(IoRequest::read(0, buf.sg(), 5)).unwrap();
+    let mut out = [Completion::EMPTY; 2];
+    assert_eq!(q.poll(&mut out), 0, "held while suspended");
+    reg.remove("v", true).unwrap();
+    assert!(matches!(wait_for(q.as_mut(), 5), Err(IoError::DeviceGone { .. })));
+}
+
+#[test]
+fn preresume_veto_leaves_the_device_suspended_with_its_inactive_table() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use udm_mapping::target::{
+        ConstructCtx, MapOutcome, QueueSetup, Target, TargetCaps, TargetContext, TargetIo, TargetQueue, TargetType,
+    };
+
+    static VETO: AtomicBool = AtomicBool::new(true);
+    struct VetoType;
+    struct Veto;
+    struct VetoQueue;
+    impl TargetType for VetoType {
+        fn name(&self) -> &'static str {
+            "veto"
+        }
+        fn construct(&self, _: &mut ConstructCtx<'_>, _: &[String]) -> Result<Arc<dyn Target>, TargetError> {
+            Ok(Arc::new(Veto))
+        }
+    }
+    impl Target for Veto {
+        fn type_name(&self) -> &'static str {
+            "veto"
+        }
+        fn table_args(&self) -> String {
+            String::new()
+        }
+        fn caps(&self) -> TargetCaps {
+            TargetCaps { discard: false, write_zeroes: false }
+        }
+        fn open_queue(&self, _: &QueueSetup<'_>) -> Result<Box<dyn TargetQueue>, TargetError> {
+            Ok(Box::new(VetoQueue))
+        }
+        fn preresume(&self) -> Result<(), TargetError> {
+            if VETO.load(Ordering::SeqCst) {
+                Err(TargetError::Vetoed("not yet".into()))
+            } else {
+                Ok(())
+            }
+        }
+    }
+    impl TargetQueue for VetoQueue {
+        fn map(&mut self, _: &TargetIo, _: &mut TargetContext<'_>) -> MapOutcome {
+            MapOutcome::Done(Ok(()))
+        }
+    }
+
+    let (reg, _d0, _d1) = registry_with_disks();
+    reg.register_target_type(Arc::new(VetoType));
+    reg.create("v", None, Some("0 64 linear disk0 0")).unwrap();
+    reg.load("v", "0 64 veto").unwrap();
+    match reg.resume("v") {
+        Err(MappingError::Target { source, .. }) => assert!(matches!(*source, TargetError::Vetoed(_))),
+        other => panic!("{other:?}"),
+    }
+    let info = reg.info("v").unwrap();
+    assert_eq!((info.state, info.tables_present()), (DeviceState::Suspended, "LIVE & INACTIVE"));
+    assert_eq!(reg.table("v", TableSlot::Live).unwrap(), "0 64 linear disk0 0\n");
+    VETO.store(false, Ordering::SeqCst);
+    reg.resume("v").unwrap();
+    assert_eq!(reg.table("v", TableSlot::Live).unwrap(), "0 64 veto \n");
+    assert_eq!(reg.info("v").unwrap().state, DeviceState::Active);
+}

@@ -2,6 +2,7 @@
 
 mod bench;
 mod cli;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -18,6 +19,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the daemon: devices, vhost-user-blk exports and the control socket.
+    Serve(serve::ServeArgs),
+    /// Mapped devices, shaped like dmsetup (through the control socket).
+    Dm(cli::dm::DmArgs),
+    /// LVM-style snapshots (through the control socket).
+    Snapshot(cli::snapshot::SnapshotArgs),
+    /// vhost-user-blk exports (through the control socket).
+    Export(cli::export::ExportArgs),
+    /// I/O statistics per export and queue (through the control socket).
+    Stats(cli::stats::StatsArgs),
     /// Measure a block device with a closed-loop load generator (like fio or SPDK perf).
     Bench(bench::BenchArgs),
     /// Prepare the machine for the NVMe driver: bind controllers to vfio-pci, reserve
@@ -34,6 +45,11 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Serve(args) => serve::main(args),
+        Command::Dm(args) => cli::dm::main(args),
+        Command::Snapshot(args) => cli::snapshot::main(args),
+        Command::Export(args) => cli::export::main(args),
+        Command::Stats(args) => cli::stats::main(args),
         Command::Bench(args) => bench::main(args),
         Command::Setup(args) => cli::setup::main(args),
         Command::Nvme(args) => cli::nvme::main(args),

@@ -169,9 +169,9 @@ impl NvmeQueue {
     /// Opens a queue pair for namespace `nsid` with room for `depth` requests.
     pub fn open(ctrl: &Arc<Controller>, nsid: u32, info: DeviceInfo, depth: usize) -> Result<Self, DeviceError> {
         let depth = depth.max(1);
-        let limit = (ctrl.capabilities().max_queue_entries as usize).min(1024);
+        let limit = (ctrl.capabilities().max_queue_entries as usize).clamp(2, 1024);
         // Requests split into several commands: leave room for that.
-        let entries = (depth * 4).next_power_of_two().clamp(64, limit.max(2)).min(limit);
+        let entries = (depth * 4).next_power_of_two().max(64).min(limit);
         let depth = depth.min(entries - 1);
         let layout = Layout::new(entries);
         let memory = DmaMemory::allocate(layout.total, PagePolicy::PreferHuge)?;

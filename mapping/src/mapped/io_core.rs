@@ -133,7 +133,15 @@ impl IoCore {
     #[inline]
     pub fn alloc(&mut self, req: IoRequest) -> u32 {
         let idx = self.free.pop().expect("a free slot: in-flight requests are bounded by the depth");
-        self.slots[idx as usize] = Slot { req, ..Slot::EMPTY };
+        // Only the fields a new request needs: `pending` is always None in a free slot,
+        // and `seg_hint` is only a hint (checked before use).
+        let s = &mut self.slots[idx as usize];
+        s.req = req;
+        s.cursor = 0;
+        s.outstanding = 0;
+        s.issued = false;
+        s.error = None;
+        debug_assert!(s.pending.is_none());
         idx
     }
 

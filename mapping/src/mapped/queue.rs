@@ -117,8 +117,15 @@ impl MappedQueue {
     /// switched to because work for the old one is in flight).
     fn try_admit(&mut self, req: IoRequest) -> Result<(), IoRequest> {
         loop {
+            // Only the 0 -> 1 step of `active` needs the Dekker fence: while this queue's
+            // published count stays above 0, a suspend cannot finish draining, so a
+            // slightly stale view of the state admits nothing it should not (the suspend
+            // keeps waiting until this queue sees the flag and its count falls to 0).
+            let was_idle = self.io.active() == 0;
             self.io.enter();
-            fence(Ordering::SeqCst);
+            if was_idle {
+                fence(Ordering::SeqCst);
+            }
             let state = self.dev.state.load(Ordering::Acquire);
             let generation = state >> GEN_SHIFT;
             if state & REMOVED != 0 {
@@ -171,69 +178,63 @@ impl MappedQueue {
             self.held.pop();
         }
     }
+}
 
-    /// Reaps every child with pieces or internal I/O out.
-    fn reap_children(&mut self) {
-        let Some(table) = self.table.clone() else { return };
-        for ci in 0..self.io.children.len() {
-            loop {
-                if self.io.children[ci].outstanding == 0 {
-                    break;
-                }
-                let n = self.io.children[ci].queue.poll(&mut self.reaped);
-                if n == 0 {
-                    break;
-                }
-                self.io.children[ci].outstanding -= n;
-                for k in 0..n {
-                    let c = self.reaped[k];
-                    self.route(&table, ci as u32, c);
-                }
-                if n < self.reaped.len() {
-                    break;
-                }
+/// Reaps every child with pieces or internal I/O out and routes the completions.
+fn reap_children(table: &Table, io: &mut IoCore, targets: &mut [Box<dyn TargetQueue>], reaped: &mut [Completion]) {
+    for ci in 0..io.children.len() {
+        while io.children[ci].outstanding != 0 {
+            let n = io.children[ci].queue.poll(reaped);
+            if n == 0 {
+                break;
+            }
+            io.children[ci].outstanding -= n;
+            for &c in &reaped[..n] {
+                route(table, io, targets, ci as u32, c);
+            }
+            if n < reaped.len() {
+                break;
             }
         }
     }
+}
 
-    /// Sends one child completion to the piece or target it belongs to.
-    #[inline]
-    fn route(&mut self, table: &Table, child: u32, c: Completion) {
-        let segment = ((c.tag >> 32) & 0x7fff_ffff) as u32;
-        if c.tag & INTERNAL != 0 {
-            self.io.leave();
+/// Sends one child completion to the piece or target it belongs to.
+#[inline]
+fn route(table: &Table, io: &mut IoCore, targets: &mut [Box<dyn TargetQueue>], child: u32, c: Completion) {
+    let segment = ((c.tag >> 32) & 0x7fff_ffff) as u32;
+    if c.tag & INTERNAL != 0 {
+        io.leave();
+        let seg = &table.segments[segment as usize];
+        let mut ctx = TargetContext { io, dev_map: &seg.dev_map, segment };
+        targets[segment as usize].child_done(c.tag as u32, c.result, &mut ctx);
+        return;
+    }
+    if let Err(e) = c.result {
+        if segment != NO_SEGMENT {
             let seg = &table.segments[segment as usize];
-            let mut ctx = TargetContext { io: &mut self.io, dev_map: &seg.dev_map, segment };
-            self.targets[segment as usize].child_done(c.tag as u32, c.result, &mut ctx);
-            return;
-        }
-        if let Err(e) = c.result {
-            if segment != NO_SEGMENT {
-                let seg = &table.segments[segment as usize];
-                if let Some(pos) = seg.dev_map.iter().position(|&x| x == child) {
-                    seg.target.remap_error(DevIndex(pos as u16), e);
-                }
+            if let Some(pos) = seg.dev_map.iter().position(|&x| x == child) {
+                seg.target.remap_error(DevIndex(pos as u16), e);
             }
         }
-        self.io.part_done(c.tag as u32, c.result);
     }
+    io.part_done(c.tag as u32, c.result);
+}
 
-    fn poll_targets(&mut self) {
-        let Some(table) = self.table.clone() else { return };
-        for i in 0..self.polled.len() {
-            let segment = self.polled[i];
-            let seg = &table.segments[segment as usize];
-            let mut ctx = TargetContext { io: &mut self.io, dev_map: &seg.dev_map, segment };
-            self.targets[segment as usize].poll(&mut ctx);
-        }
+/// Lets every target queue that asked for it make progress.
+fn poll_targets(table: &Table, io: &mut IoCore, targets: &mut [Box<dyn TargetQueue>], polled: &[u32]) {
+    for &segment in polled {
+        let seg = &table.segments[segment as usize];
+        let mut ctx = TargetContext { io, dev_map: &seg.dev_map, segment };
+        targets[segment as usize].poll(&mut ctx);
     }
+}
 
-    fn retry_blocked(&mut self) {
-        let Some(table) = self.table.clone() else { return };
-        for _ in 0..self.io.blocked.len() {
-            let Some(slot) = self.io.blocked.pop() else { break };
-            issue(&table, &mut self.targets, &mut self.io, slot);
-        }
+/// Continues requests that found a child queue full.
+fn retry_blocked(table: &Table, io: &mut IoCore, targets: &mut [Box<dyn TargetQueue>]) {
+    for _ in 0..io.blocked.len() {
+        let Some(slot) = io.blocked.pop() else { break };
+        issue(table, targets, io, slot);
     }
 }
 
@@ -249,18 +250,20 @@ fn issue(table: &Table, targets: &mut [Box<dyn TargetQueue>], io: &mut IoCore, s
                 return;
             }
         }
-        let s = io.slots[slot as usize];
-        let Some((segment, io_piece)) = next_piece(table, &s, slot) else { break };
-        {
+        let Some((segment, io_piece)) = next_piece(table, &io.slots[slot as usize], slot) else { break };
+        let step = {
             let s = &mut io.slots[slot as usize];
-            s.cursor += if s.req.op == IoOp::Flush { 1 } else { io_piece.sectors };
-            s.seg_hint = if segment == NO_SEGMENT { s.seg_hint } else { segment };
+            let step = s.cursor;
+            s.cursor += if io_piece.op == IoOp::Flush { 1 } else { io_piece.sectors };
+            if segment != NO_SEGMENT {
+                s.seg_hint = segment;
+            }
             s.outstanding += 1;
-        }
-        let req = s.req;
+            step
+        };
         if segment == NO_SEGMENT {
             // A table-wide flush of one distinct device below.
-            let child = table.flush_children[s.cursor as usize];
+            let child = table.flush_children[step as usize];
             let creq = IoRequest { tag: (u64::from(NO_SEGMENT) << 32) | u64::from(slot), ..IoRequest::flush(0) };
             if let Err(QueueFull(r)) = io.submit_child(child, creq) {
                 io.slots[slot as usize].pending = Some((child, r));
@@ -275,8 +278,8 @@ fn issue(table: &Table, targets: &mut [Box<dyn TargetQueue>], io: &mut IoCore, s
             MapOutcome::Remap { dev, sector } => {
                 let child = seg.dev_map[dev.0 as usize];
                 let creq = IoRequest {
-                    op: req.op,
-                    sector: if req.op == IoOp::Flush { 0 } else { sector },
+                    op: io_piece.op,
+                    sector: if io_piece.op == IoOp::Flush { 0 } else { sector },
                     sectors: io_piece.sectors,
                     sg: io_piece.sg,
                     fua: io_piece.fua,
@@ -382,12 +385,14 @@ impl IoQueue for MappedQueue {
     }
 
     fn poll(&mut self, out: &mut [Completion]) -> usize {
-        self.reap_children();
-        if !self.polled.is_empty() {
-            self.poll_targets();
-        }
-        if !self.io.blocked.is_empty() {
-            self.retry_blocked();
+        if let Some(table) = self.table.as_deref() {
+            reap_children(table, &mut self.io, &mut self.targets, &mut self.reaped);
+            if !self.polled.is_empty() {
+                poll_targets(table, &mut self.io, &mut self.targets, &self.polled);
+            }
+            if !self.io.blocked.is_empty() {
+                retry_blocked(table, &mut self.io, &mut self.targets);
+            }
         }
         if !self.held.is_empty() {
             self.release_held();

@@ -27,6 +27,9 @@ pub fn validate_name(name: &str) -> Result<(), MappingError> {
     if name.contains('#') {
         return bad("a name cannot contain `#` (it starts a comment in table text)");
     }
+    if name.starts_with(|c: char| c.is_whitespace()) || name.ends_with(|c: char| c.is_whitespace()) {
+        return bad("a name cannot start or end with whitespace (table lines are trimmed)");
+    }
     if name.chars().any(char::is_control) {
         return bad("a name cannot contain control characters");
     }
@@ -57,7 +60,7 @@ mod tests {
         for ok in ["vg-base", "a b", "x\\y", &"n".repeat(127)] {
             assert!(validate_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", ".", "..", "a/b", "a#b", "a\nb", &"n".repeat(128)] {
+        for bad in ["", ".", "..", "a/b", "a#b", "a\nb", " a", "a ", &"n".repeat(128)] {
             let e = validate_name(bad).unwrap_err();
             assert!(matches!(e, MappingError::InvalidName { .. }), "{bad}");
         }

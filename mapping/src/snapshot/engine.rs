@@ -64,7 +64,6 @@ enum Which {
 }
 
 /// A thread's copy engine. See the module documentation.
-#[derive(Default)]
 pub struct Engine {
     ports: Vec<Port>,
     jobs: Vec<Option<Job>>,
@@ -78,7 +77,15 @@ pub struct Engine {
 impl Engine {
     /// An engine whose queues hold `depth` requests each.
     pub fn new(depth: usize) -> Self {
-        Engine { depth: depth.max(4), reaped: vec![Completion::EMPTY; REAP], ..Default::default() }
+        Engine {
+            ports: Vec::new(),
+            jobs: Vec::new(),
+            free_jobs: Vec::new(),
+            need_buffer: VecDeque::new(),
+            retry: VecDeque::new(),
+            depth: depth.max(4),
+            reaped: vec![Completion::EMPTY; REAP],
+        }
     }
 
     /// The port serving `snap`, opened on first use.
@@ -265,6 +272,19 @@ impl Engine {
         for _ in 0..self.retry.len() {
             let Some((port, which, req)) = self.retry.pop_front() else { break };
             self.send(port, which, req);
+        }
+    }
+}
+
+impl Drop for Engine {
+    /// An engine may carry work other threads wait for: the next metadata commit of a
+    /// store is handed to whichever thread finished the previous one, and it covers
+    /// exceptions of other writers. So a queue going away (its thread done with the
+    /// device) first drives its copies and metadata requests to completion.
+    fn drop(&mut self) {
+        while !self.is_idle() {
+            self.poll();
+            std::thread::yield_now();
         }
     }
 }

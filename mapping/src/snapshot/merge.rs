@@ -103,6 +103,13 @@ fn run(snap: &Arc<SnapshotShared>, entry: &Arc<OriginEntry>, stop: &AtomicBool) 
     let _ = cow_dev.register_memory(buf.region());
     let mut engine = Engine::new(16);
     let result = (|| {
+        // After a handover, writes the old snapshot accepted may still be committing.
+        while !snap.quiescent() {
+            if stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
         while !stop.load(Ordering::Acquire) {
             let Some(batch) = snap.prepare_merge()? else {
                 tracing::info!("merge of {} finished", snap.name);
@@ -132,7 +139,8 @@ fn copy_out_to_others(snap: &Arc<SnapshotShared>, entry: &OriginEntry, batch: Me
         while chunk << other.chunk_shift < end.min(other.length) {
             let mut meta = None;
             match other.lookup_or_prepare(chunk, false, &mut meta) {
-                Lookup::Complete(_) | Lookup::Invalid | Lookup::Overflow => {}
+                Lookup::Complete(_) => waits.push(Wait::Reads(Arc::clone(other), chunk)),
+                Lookup::Invalid | Lookup::Overflow => {}
                 Lookup::Pending(p) => waits.push(Wait::Pending(Arc::clone(other), p)),
                 Lookup::Prepared(p) => {
                     engine.start_copy(other, Arc::clone(&p));

@@ -68,6 +68,7 @@ Examples:
   udm bench --device mem:1G --rw randrw --rwmixread 70 --threads 2 --json
   udm bench --device file:/var/tmp/disk.img --rw randwrite --qd 32 --verify
   udm bench --device fault:corrupt=2048@mem:64M --rw randwrite --verify --time 1
+  udm bench --device dm:vol.table --device disk0=mem:1G --device disk1=mem:1G --threads 2
 
 Device specs: null:<size> (stores nothing, reads zeroes); mem:<size> (RAM disk);
 file:<path> (regular file or block device through io_uring, O_DIRECT when possible;
@@ -89,7 +90,9 @@ request failed; 3 --verify found wrong data.";
 #[command(after_help = AFTER_HELP)]
 pub struct BenchArgs {
     /// Device to measure: null:<size>, mem:<size>, file:<path>[,ro][,direct=off][,bs=<n>],
-    /// or fault:<faults>@<spec>. Sizes take K/M/G/T suffixes.
+    /// fault:<faults>@<spec>, or dm:<table-file> (a device-mapper table naming the other
+    /// devices, given as name=<spec> or name=dm:<table-file>; or a stack file of
+    /// `<name>: <table line>` lines, the last device measured). Sizes take K/M/G/T suffixes.
     #[arg(long = "device", short = 'd', value_name = "SPEC", required = true)]
     pub devices: Vec<String>,
 

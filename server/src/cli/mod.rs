@@ -1,4 +1,9 @@
 //! Subcommands of the `udm` CLI, one module each.
 
+pub mod common;
+pub mod dm;
+pub mod export;
 pub mod nvme;
 pub mod setup;
+pub mod snapshot;
+pub mod stats;

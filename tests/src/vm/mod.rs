@@ -53,11 +53,12 @@ pub mod modules {
 
 /// Shell snippets for guest scripts.
 pub mod shell {
-    /// Binds PCI function `bdf` (e.g. `0000:00:04.0`) to vfio-pci and waits for its
-    /// `/dev/vfio/<group>` node.
+    /// Binds PCI function `bdf` (e.g. `0000:00:04.0`) to vfio-pci (taking it from the
+    /// driver that has it, if any) and waits for its `/dev/vfio/<group>` node.
     pub fn bind_vfio(bdf: &str) -> String {
         format!(
-            "echo vfio-pci > /sys/bus/pci/devices/{bdf}/driver_override\n\
+            "[ -e /sys/bus/pci/devices/{bdf}/driver ] && echo {bdf} > /sys/bus/pci/devices/{bdf}/driver/unbind\n\
+             echo vfio-pci > /sys/bus/pci/devices/{bdf}/driver_override\n\
              echo {bdf} > /sys/bus/pci/drivers_probe\n\
              g=$(basename $(readlink /sys/bus/pci/devices/{bdf}/iommu_group))\n\
              i=0; while [ ! -e /dev/vfio/$g ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done\n\

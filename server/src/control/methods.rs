@@ -1,0 +1,218 @@
+//! Method dispatch: each method has a params struct (unknown fields refused), so a
+//! malformed call is an INVALID_PARAMS error before anything is touched.
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::protocol::{RpcError, INVALID_PARAMS, METHOD_NOT_FOUND, OPERATION_FAILED};
+use crate::daemon::{Daemon, DaemonError};
+use crate::vhost_blk::ExportConfig;
+
+/// Every method, for `help`-style listings and tests.
+pub const METHODS: &[&str] = &[
+    "backend.add",
+    "dm.create",
+    "dm.load",
+    "dm.suspend",
+    "dm.resume",
+    "dm.clear",
+    "dm.remove",
+    "dm.rename",
+    "dm.info",
+    "dm.table",
+    "dm.status",
+    "dm.ls",
+    "dm.deps",
+    "snapshot.create",
+    "snapshot.remove",
+    "snapshot.merge",
+    "snapshot.list",
+    "export.add",
+    "export.remove",
+    "export.ls",
+    "stats",
+];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Name {
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OptName {
+    #[serde(default)]
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendAdd {
+    name: String,
+    spec: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DmCreate {
+    name: String,
+    #[serde(default)]
+    uuid: Option<String>,
+    #[serde(default)]
+    table: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DmLoad {
+    name: String,
+    table: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DmSuspend {
+    name: String,
+    #[serde(default)]
+    noflush: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DmRemove {
+    name: String,
+    #[serde(default)]
+    force: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DmRename {
+    name: String,
+    new_name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DmTable {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    inactive: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DmDeps {
+    name: String,
+    #[serde(default)]
+    inactive: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DmLs {
+    #[serde(default)]
+    tree: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapCreate {
+    origin: String,
+    name: String,
+    cow: String,
+    #[serde(default = "default_chunk")]
+    chunk: String,
+}
+
+fn default_chunk() -> String {
+    "4k".into()
+}
+
+fn params<T: DeserializeOwned>(p: Option<Value>) -> Result<T, RpcError> {
+    let v = match p {
+        None | Some(Value::Null) => json!({}),
+        Some(v @ Value::Object(_)) => v,
+        Some(_) => return Err(RpcError::new(INVALID_PARAMS, "params must be an object of named parameters")),
+    };
+    serde_json::from_value(v).map_err(|e| RpcError::new(INVALID_PARAMS, format!("invalid params: {e}")))
+}
+
+fn failed(e: DaemonError) -> RpcError {
+    RpcError::new(OPERATION_FAILED, e.to_string())
+}
+
+fn to_value<T: serde::Serialize>(v: T) -> Result<Value, RpcError> {
+    serde_json::to_value(v).map_err(|e| RpcError::new(OPERATION_FAILED, format!("cannot encode the result: {e}")))
+}
+
+/// Runs one method.
+pub fn call(d: &Daemon, method: &str, p: Option<Value>) -> Result<Value, RpcError> {
+    let done = |r: Result<(), DaemonError>| r.map(|()| Value::Null).map_err(failed);
+    match method {
+        "backend.add" => {
+            let a: BackendAdd = params(p)?;
+            done(d.backend_add(&a.name, &a.spec))
+        }
+        "dm.create" => {
+            let a: DmCreate = params(p)?;
+            done(d.dm_create(&a.name, a.uuid.as_deref(), a.table.as_deref()))
+        }
+        "dm.load" => {
+            let a: DmLoad = params(p)?;
+            done(d.dm_load(&a.name, &a.table))
+        }
+        "dm.suspend" => {
+            let a: DmSuspend = params(p)?;
+            done(d.dm_suspend(&a.name, a.noflush))
+        }
+        "dm.resume" => done(d.dm_resume(&params::<Name>(p)?.name)),
+        "dm.clear" => done(d.dm_clear(&params::<Name>(p)?.name)),
+        "dm.remove" => {
+            let a: DmRemove = params(p)?;
+            done(d.dm_remove(&a.name, a.force))
+        }
+        "dm.rename" => {
+            let a: DmRename = params(p)?;
+            done(d.dm_rename(&a.name, &a.new_name))
+        }
+        "dm.info" => to_value(d.dm_info(params::<OptName>(p)?.name.as_deref()).map_err(failed)?),
+        "dm.table" | "dm.status" => {
+            let a: DmTable = params(p)?;
+            let rows = d.dm_table(a.name.as_deref(), method == "dm.status", a.inactive).map_err(failed)?;
+            to_value(rows.into_iter().map(|(name, text)| json!({"name": name, "text": text})).collect::<Vec<_>>())
+        }
+        "dm.ls" => d.dm_ls(params::<DmLs>(p)?.tree).map_err(failed),
+        "dm.deps" => {
+            let a: DmDeps = params(p)?;
+            to_value(d.dm_deps(&a.name, a.inactive).map_err(failed)?)
+        }
+        "snapshot.create" => {
+            let a: SnapCreate = params(p)?;
+            done(d.snapshot_create(&a.origin, &a.name, &a.cow, &a.chunk))
+        }
+        "snapshot.remove" => done(d.snapshot_remove(&params::<Name>(p)?.name)),
+        "snapshot.merge" => done(d.snapshot_merge(&params::<Name>(p)?.name)),
+        "snapshot.list" => {
+            params::<OptName>(p)?;
+            to_value(d.snapshot_list())
+        }
+        "export.add" => {
+            let cfg: ExportConfig = params(p)?;
+            to_value(d.export_add(cfg).map_err(failed)?)
+        }
+        "export.remove" => done(d.export_remove(&params::<Name>(p)?.name)),
+        "export.ls" => {
+            params::<OptName>(p)?;
+            to_value(d.export_ls())
+        }
+        "stats" => to_value(d.stats(params::<OptName>(p)?.name.as_deref()).map_err(failed)?),
+        other => Err(RpcError::new(
+            METHOD_NOT_FOUND,
+            format!("unknown method `{other}`: known methods are {}", METHODS.join(", ")),
+        )),
+    }
+}

@@ -1,0 +1,290 @@
+//! The daemon's state: the device registry (backends, mapped devices, snapshots) and the
+//! exports over it. The control socket and `udm serve`'s start-up both act through
+//! these methods; each either succeeds or leaves everything as it was.
+
+pub mod config;
+pub mod reports;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use udm_drivers::backend_spec::open_backend;
+use udm_drivers::units::parse_size;
+use udm_drivers::SECTOR_SIZE;
+use udm_mapping::registry::{OpenDevice, Registry, SuspendFlags, TableSlot};
+use udm_mapping::snapshot_ops::{self, CowSource, CreateOptions, SnapshotOpError};
+use udm_mapping::MappingError;
+
+use crate::vhost_blk::{Export, ExportConfig, ExportError, ExportInfo};
+use config::Config;
+pub use reports::{DeviceInfoReport, ExportStats, SnapshotReport};
+
+/// Why a daemon operation failed; the message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// A registry operation failed.
+    #[error(transparent)]
+    Mapping(#[from] MappingError),
+    /// A snapshot operation failed.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotOpError),
+    /// An export could not be created.
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    /// A backend could not be opened.
+    #[error("backend `{name}`: {reason}")]
+    Backend {
+        /// Its name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// No export has that name.
+    #[error("no export named `{0}`: see `udm export ls`")]
+    NoSuchExport(String),
+    /// The export name is taken.
+    #[error("an export named `{0}` already exists: remove it first or choose another name")]
+    ExportExists(String),
+    /// An argument is invalid.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+struct ExportEntry {
+    export: Export,
+    /// Keeps the device open (so `dm remove` refuses it) while exported.
+    _open: OpenDevice,
+}
+
+/// The daemon.
+pub struct Daemon {
+    registry: Arc<Registry>,
+    exports: Mutex<BTreeMap<String, ExportEntry>>,
+    cpus: Vec<usize>,
+}
+
+impl Daemon {
+    /// An empty daemon; exports without their own CPU list spread queues over `cpus`.
+    pub fn new(cpus: Vec<usize>) -> Self {
+        Daemon { registry: Arc::new(Registry::new()), exports: Mutex::new(BTreeMap::new()), cpus }
+    }
+
+    /// The registry.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    fn exports(&self) -> MutexGuard<'_, BTreeMap<String, ExportEntry>> {
+        self.exports.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets up everything `config` declares, in order; stops at the first error.
+    pub fn apply(&self, config: &Config) -> Result<(), DaemonError> {
+        for b in &config.backends {
+            self.backend_add(&b.name, &b.spec)?;
+        }
+        for d in &config.devices {
+            self.registry.create(&d.name, d.uuid.as_deref(), Some(&d.table))?;
+        }
+        for s in &config.snapshots {
+            self.snapshot_create(&s.origin, &s.name, &s.cow, &s.chunk)?;
+        }
+        for e in &config.exports {
+            self.export_add(e.clone())?;
+        }
+        Ok(())
+    }
+
+    /// Opens a backend from `spec` and registers it as `name`.
+    pub fn backend_add(&self, name: &str, spec: &str) -> Result<(), DaemonError> {
+        let dev = open_backend(spec).map_err(|e| DaemonError::Backend { name: name.into(), reason: e.to_string() })?;
+        self.registry.register_backend(name, dev)?;
+        Ok(())
+    }
+
+    /// Exports a registry device over vhost-user-blk.
+    pub fn export_add(&self, mut config: ExportConfig) -> Result<ExportInfo, DaemonError> {
+        let mut exports = self.exports();
+        if exports.contains_key(&config.name) {
+            return Err(DaemonError::ExportExists(config.name));
+        }
+        if config.cpus.is_empty() {
+            config.cpus = self.cpus.clone();
+        }
+        let open = self.registry.open(&config.device)?;
+        let export = Export::start(config.clone(), Arc::clone(open.device()))?;
+        let info = export.info();
+        exports.insert(config.name, ExportEntry { export, _open: open });
+        Ok(info)
+    }
+
+    /// Stops an export (draining its requests) and removes its socket.
+    pub fn export_remove(&self, name: &str) -> Result<(), DaemonError> {
+        let entry = self.exports().remove(name).ok_or_else(|| DaemonError::NoSuchExport(name.into()))?;
+        entry.export.stop();
+        Ok(())
+    }
+
+    /// Every export.
+    pub fn export_ls(&self) -> Vec<ExportInfo> {
+        self.exports().values().map(|e| e.export.info()).collect()
+    }
+
+    /// Statistics of one export or all.
+    pub fn stats(&self, name: Option<&str>) -> Result<Vec<ExportStats>, DaemonError> {
+        let exports = self.exports();
+        if let Some(n) = name {
+            if !exports.contains_key(n) {
+                return Err(DaemonError::NoSuchExport(n.into()));
+            }
+        }
+        Ok(exports
+            .values()
+            .filter(|e| name.is_none_or(|n| e.export.config().name == n))
+            .map(|e| ExportStats::new(e.export.config(), e.export.stats()))
+            .collect())
+    }
+
+    /// Tells every export whose device changed size (after a resume, a reload, a
+    /// snapshot switch); returns the exports that changed.
+    pub fn refresh_sizes(&self) -> Vec<String> {
+        self.exports().values().filter(|e| e.export.refresh_size()).map(|e| e.export.config().name.clone()).collect()
+    }
+
+    /// `dmsetup create`.
+    pub fn dm_create(&self, name: &str, uuid: Option<&str>, table: Option<&str>) -> Result<(), DaemonError> {
+        Ok(self.registry.create(name, uuid, table)?)
+    }
+
+    /// `dmsetup load`.
+    pub fn dm_load(&self, name: &str, table: &str) -> Result<(), DaemonError> {
+        Ok(self.registry.load(name, table)?)
+    }
+
+    /// `dmsetup suspend`.
+    pub fn dm_suspend(&self, name: &str, noflush: bool) -> Result<(), DaemonError> {
+        Ok(self.registry.suspend(name, SuspendFlags { noflush })?)
+    }
+
+    /// `dmsetup resume`; exports of resized devices tell their front ends.
+    pub fn dm_resume(&self, name: &str) -> Result<(), DaemonError> {
+        self.registry.resume(name)?;
+        self.refresh_sizes();
+        Ok(())
+    }
+
+    /// `dmsetup clear`.
+    pub fn dm_clear(&self, name: &str) -> Result<(), DaemonError> {
+        Ok(self.registry.clear(name)?)
+    }
+
+    /// `dmsetup remove`.
+    pub fn dm_remove(&self, name: &str, force: bool) -> Result<(), DaemonError> {
+        Ok(self.registry.remove(name, force)?)
+    }
+
+    /// `dmsetup rename`.
+    pub fn dm_rename(&self, old: &str, new: &str) -> Result<(), DaemonError> {
+        Ok(self.registry.rename(old, new)?)
+    }
+
+    /// `dmsetup info` for one device or every one.
+    pub fn dm_info(&self, name: Option<&str>) -> Result<Vec<DeviceInfoReport>, DaemonError> {
+        let names = self.names(name)?;
+        names.iter().map(|n| Ok(DeviceInfoReport::from(self.registry.info(n)?))).collect()
+    }
+
+    /// `dmsetup table` / `status` for one device or every mapped one: (name, text).
+    pub fn dm_table(
+        &self,
+        name: Option<&str>,
+        status: bool,
+        inactive: bool,
+    ) -> Result<Vec<(String, String)>, DaemonError> {
+        let slot = if inactive { TableSlot::Inactive } else { TableSlot::Live };
+        let mut out = Vec::new();
+        for n in self.names(name)? {
+            if name.is_none() && self.registry.info(&n)?.kind == udm_mapping::DeviceKind::Backend {
+                continue;
+            }
+            let text = if status { self.registry.status(&n, slot)? } else { self.registry.table(&n, slot)? };
+            out.push((n, text));
+        }
+        Ok(out)
+    }
+
+    /// `dmsetup deps`.
+    pub fn dm_deps(&self, name: &str, inactive: bool) -> Result<Vec<String>, DaemonError> {
+        let slot = if inactive { TableSlot::Inactive } else { TableSlot::Live };
+        Ok(self.registry.deps(name, slot)?)
+    }
+
+    /// `dmsetup ls` (`--tree`).
+    pub fn dm_ls(&self, tree: bool) -> Result<serde_json::Value, DaemonError> {
+        if tree {
+            return Ok(serde_json::Value::String(self.registry.ls_tree()));
+        }
+        let list: Vec<_> = self
+            .registry
+            .ls()
+            .into_iter()
+            .map(|(n, k)| serde_json::json!({"name": n, "kind": reports::kind_name(k)}))
+            .collect();
+        Ok(serde_json::Value::Array(list))
+    }
+
+    /// `udm snapshot create`.
+    pub fn snapshot_create(&self, origin: &str, name: &str, cow: &str, chunk: &str) -> Result<(), DaemonError> {
+        let bytes = parse_size(chunk).map_err(|e| DaemonError::Invalid(format!("chunk: {e}")))?;
+        if !bytes.is_multiple_of(SECTOR_SIZE) {
+            return Err(DaemonError::Invalid(format!("chunk {chunk} is not a whole number of 512-byte sectors")));
+        }
+        let opts = CreateOptions { cow: CowSource::parse(cow), chunk_sectors: bytes / SECTOR_SIZE, persistent: true };
+        snapshot_ops::create(&self.registry, origin, name, &opts)?;
+        self.refresh_sizes();
+        Ok(())
+    }
+
+    /// `udm snapshot remove`.
+    pub fn snapshot_remove(&self, name: &str) -> Result<(), DaemonError> {
+        snapshot_ops::remove(&self.registry, name)?;
+        Ok(())
+    }
+
+    /// `udm snapshot merge`.
+    pub fn snapshot_merge(&self, name: &str) -> Result<(), DaemonError> {
+        snapshot_ops::merge(&self.registry, name)?;
+        Ok(())
+    }
+
+    /// `udm snapshot list`.
+    pub fn snapshot_list(&self) -> Vec<SnapshotReport> {
+        snapshot_ops::list(&self.registry).into_iter().map(SnapshotReport::from).collect()
+    }
+
+    fn names(&self, name: Option<&str>) -> Result<Vec<String>, DaemonError> {
+        Ok(match name {
+            Some(n) => {
+                self.registry.info(n)?;
+                vec![n.to_string()]
+            }
+            None => self.registry.ls().into_iter().map(|(n, _)| n).collect(),
+        })
+    }
+
+    /// Stops every export (each drains its queues), then flushes every device.
+    pub fn shutdown(&self) {
+        let exports = std::mem::take(&mut *self.exports());
+        for (name, e) in exports {
+            tracing::info!(export = %name, "stopping export");
+            e.export.stop();
+        }
+        for (name, _) in self.registry.ls() {
+            if let Ok(dev) = self.registry.device(&name) {
+                if let Err(e) = udm_mapping::sync_io::flush(dev.as_ref()) {
+                    tracing::warn!(device = %name, "flush at shutdown failed: {e}");
+                }
+            }
+        }
+    }
+}

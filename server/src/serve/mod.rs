@@ -1,0 +1,129 @@
+//! `udm serve`: runs the daemon until SIGINT or SIGTERM.
+//!
+//! Start-up: the config file (or the embedded default: a 1 GiB RAM volume `vol0`
+//! exported at `./vol0.sock`), then the control socket, then how to attach each export.
+//! Shutdown: stop accepting control clients, stop each export after draining its queues,
+//! flush every device, exit 0.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Args;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use udm_server::control::ControlServer;
+use udm_server::cpu::parse_cpu_list;
+use udm_server::daemon::config::Config;
+use udm_server::daemon::Daemon;
+use udm_server::vhost_blk::{ExportInfo, PollMode};
+
+/// Arguments of `udm serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Configuration file (TOML: backends, devices, snapshots, exports). Without it, a
+    /// 1 GiB RAM volume `vol0` is exported at ./vol0.sock.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// CPUs for queue workers (e.g. `2-3`); queues are spread over them.
+    #[arg(long)]
+    pub cpus: Option<String>,
+    /// Control socket path (overrides the config's `control`).
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    /// Busy-poll every export's queues (lowest latency, one core per queue) instead of
+    /// sleeping on guest kicks; applies to exports of the embedded default and config.
+    #[arg(long)]
+    pub busy_poll: bool,
+    /// Queues of the embedded default export.
+    #[arg(long, default_value_t = 1)]
+    pub queues: u16,
+}
+
+/// Runs `udm serve`.
+pub fn main(args: ServeArgs) -> ExitCode {
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("udm serve: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: ServeArgs) -> Result<(), String> {
+    let cpus = match &args.cpus {
+        Some(text) => parse_cpu_list(text)?,
+        None => Vec::new(),
+    };
+    let mut config = match &args.config {
+        Some(path) => Config::load(path).map_err(|e| e.to_string())?,
+        None => {
+            let mut c = Config::embedded_default();
+            c.exports[0].num_queues = args.queues;
+            c
+        }
+    };
+    if let Some(c) = &args.control {
+        config.control = c.clone();
+    }
+    if args.busy_poll {
+        for e in &mut config.exports {
+            e.poll = PollMode::Busy;
+        }
+    }
+    // Register the handlers before any thread starts, so every thread inherits them.
+    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(|e| format!("cannot handle signals: {e}"))?;
+    let daemon = Arc::new(Daemon::new(cpus));
+    if let Err(e) = daemon.apply(&config) {
+        daemon.shutdown();
+        return Err(format!(
+            "setting up {}: {e}",
+            args.config.as_deref().map_or("the default volume".into(), |p| p.display().to_string())
+        ));
+    }
+    let control = match ControlServer::start(&config.control, Arc::clone(&daemon)) {
+        Ok(c) => c,
+        Err(e) => {
+            daemon.shutdown();
+            return Err(format!("control socket {}: {e}", config.control.display()));
+        }
+    };
+    println!("udm serving; control socket {}", absolute(&config.control).display());
+    for e in daemon.export_ls() {
+        print_attach(&e);
+    }
+    println!("stop with Ctrl-C or SIGTERM");
+    let signal = signals.forever().next().unwrap_or(SIGTERM);
+    tracing::info!(signal, "shutting down");
+    control.stop();
+    daemon.shutdown();
+    say(format_args!("udm stopped"));
+    Ok(())
+}
+
+/// Prints a line; a closed stdout (the caller went away) must not stop the shutdown.
+fn say(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{args}");
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// How to attach an export: QEMU (guest RAM must be shared) and a libblkio client.
+fn print_attach(e: &ExportInfo) {
+    let c = &e.config;
+    let sock = absolute(&c.socket);
+    let mib = (e.sectors * 512) >> 20;
+    println!("export {} (device {}, {} MiB, {} queue(s)) at {}", c.name, c.device, mib, c.num_queues, sock.display());
+    println!(
+        "  qemu-system-x86_64 -m 1G -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\\n    \
+         -chardev socket,id={n},path={p},reconnect=1 -device vhost-user-blk-pci,chardev={n},num-queues={q}",
+        n = c.name,
+        p = sock.display(),
+        q = c.num_queues
+    );
+    println!("  libblkio: driver virtio-blk-vhost-user, path={}", sock.display());
+}

@@ -1,0 +1,373 @@
+//! An export: one block device served as vhost-user-blk on one unix socket.
+//!
+//! A listener thread accepts one front end at a time and runs the vhost-user message
+//! loop for it; when the front end goes away (or udm's previous process died and QEMU
+//! reconnects), the next connection starts from scratch, except for what the front end
+//! brings back itself: the inflight region that says which requests to redo.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use udm_drivers::{BlockDevice, DeviceInfo};
+use vhost::vhost_user::BackendReqHandler;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::backend_channel::{peek_backend_channel, send_config_change};
+use super::config_space::Limits;
+use super::handler::BlkHandler;
+use super::request::ID_BYTES;
+use super::stats::{QueueSnapshot, QueueStats};
+use super::worker::{PollMode, Shared};
+
+/// How to export a device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportConfig {
+    /// Name of the export (unique in the daemon).
+    pub name: String,
+    /// Path of the vhost-user socket.
+    pub socket: PathBuf,
+    /// Name of the device in the registry.
+    pub device: String,
+    /// Request virtqueues (1..=64).
+    #[serde(default = "default_queues")]
+    pub num_queues: u16,
+    /// Largest ring size the front end may choose (power of two, up to 1024).
+    #[serde(default = "default_queue_size")]
+    pub queue_size: u16,
+    /// Refuse writes even if the device takes them.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Idle strategy of the queue workers.
+    #[serde(default)]
+    pub poll: PollMode,
+    /// CPUs the queue workers are pinned to, queue i on cpus[i % len] (empty: unpinned).
+    #[serde(default)]
+    pub cpus: Vec<usize>,
+    /// Serial number (GET_ID), at most 20 bytes; defaults to the export name.
+    #[serde(default)]
+    pub serial: Option<String>,
+}
+
+fn default_queues() -> u16 {
+    1
+}
+
+fn default_queue_size() -> u16 {
+    256
+}
+
+/// Why an export could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// A configuration value is out of range.
+    #[error("export `{name}`: {reason}")]
+    Config {
+        /// Export name.
+        name: String,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+    /// The socket could not be created.
+    #[error("export `{name}`: cannot listen on {path}: {source}")]
+    Listen {
+        /// Export name.
+        name: String,
+        /// Socket path.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A host resource failed.
+    #[error("export `{name}`: {what}: {source}")]
+    Host {
+        /// Export name.
+        name: String,
+        /// What udm was doing.
+        what: &'static str,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the connection handlers and workers of one export share.
+pub struct ExportCore {
+    /// Export name.
+    pub name: String,
+    /// The device served.
+    pub device: Arc<dyn BlockDevice>,
+    /// Limits, serial, idle mode and statistics shared with the workers.
+    pub shared: Arc<Shared>,
+    /// Virtqueues offered.
+    pub num_queues: u16,
+    /// Largest ring size.
+    pub queue_size: u16,
+    /// CPUs for queue workers.
+    pub cpus: Vec<usize>,
+    read_only: bool,
+    backend_channel: Mutex<Option<UnixStream>>,
+    connected: AtomicBool,
+    connections: AtomicU64,
+}
+
+impl ExportCore {
+    /// The device's info as the export presents it (read-only if the export is).
+    pub fn current_info(&self) -> DeviceInfo {
+        let mut info = self.device.info();
+        info.read_only |= self.read_only;
+        info
+    }
+}
+
+/// A running export.
+pub struct Export {
+    config: ExportConfig,
+    core: Arc<ExportCore>,
+    stop: Arc<AtomicBool>,
+    wake: Arc<EventFd>,
+    current: Arc<Mutex<Option<UnixStream>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A summary for `udm export ls`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExportInfo {
+    /// The configuration.
+    pub config: ExportConfig,
+    /// Size in sectors.
+    pub sectors: u64,
+    /// Whether a front end is connected.
+    pub connected: bool,
+    /// Front ends accepted so far.
+    pub connections: u64,
+}
+
+impl Export {
+    /// Validates `config`, binds the socket and starts accepting front ends.
+    pub fn start(config: ExportConfig, device: Arc<dyn BlockDevice>) -> Result<Export, ExportError> {
+        let bad = |reason: String| ExportError::Config { name: config.name.clone(), reason };
+        if config.num_queues == 0 || config.num_queues > 64 {
+            return Err(bad(format!("num_queues {} is out of range: use 1 to 64", config.num_queues)));
+        }
+        if !config.queue_size.is_power_of_two() || !(2..=1024).contains(&config.queue_size) {
+            return Err(bad(format!("queue_size {} must be a power of two from 2 to 1024", config.queue_size)));
+        }
+        let serial_text = config.serial.clone().unwrap_or_else(|| config.name.clone());
+        if serial_text.len() > ID_BYTES {
+            return Err(bad(format!("serial `{serial_text}` is longer than {ID_BYTES} bytes")));
+        }
+        let mut serial = [0u8; ID_BYTES];
+        serial[..serial_text.len()].copy_from_slice(serial_text.as_bytes());
+        let info = device.info();
+        let shared = Arc::new(Shared {
+            limits: ArcSwap::from_pointee(Limits::new(&info, config.read_only)),
+            serial,
+            mode: config.poll,
+            stats: (0..config.num_queues).map(|_| Arc::new(QueueStats::new())).collect(),
+        });
+        let core = Arc::new(ExportCore {
+            name: config.name.clone(),
+            device,
+            shared,
+            num_queues: config.num_queues,
+            queue_size: config.queue_size,
+            cpus: config.cpus.clone(),
+            read_only: config.read_only,
+            backend_channel: Mutex::new(None),
+            connected: AtomicBool::new(false),
+            connections: AtomicU64::new(0),
+        });
+        let listener = bind(&config.socket).map_err(|source| ExportError::Listen {
+            name: config.name.clone(),
+            path: config.socket.clone(),
+            source,
+        })?;
+        let host = |what, source| ExportError::Host { name: config.name.clone(), what, source };
+        let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| host("eventfd", e))?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let current = Arc::new(Mutex::new(None));
+        let thread = {
+            let (core, stop, wake, current) =
+                (Arc::clone(&core), Arc::clone(&stop), Arc::clone(&wake), Arc::clone(&current));
+            std::thread::Builder::new()
+                .name(format!("udm-{}-listen", config.name))
+                .spawn(move || accept_loop(listener, core, stop, wake, current))
+                .map_err(|e| host("spawning the listener thread", e))?
+        };
+        tracing::info!(export = %config.name, socket = %config.socket.display(), "vhost-user-blk export listening");
+        Ok(Export { config, core, stop, wake, current, thread: Some(thread) })
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &ExportConfig {
+        &self.config
+    }
+
+    /// The device it serves.
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.core.device
+    }
+
+    /// A summary.
+    pub fn info(&self) -> ExportInfo {
+        ExportInfo {
+            config: self.config.clone(),
+            sectors: self.core.shared.limits.load().capacity,
+            connected: self.core.connected.load(Ordering::Relaxed),
+            connections: self.core.connections.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Per-queue statistics.
+    pub fn stats(&self) -> Vec<QueueSnapshot> {
+        self.core.shared.stats.iter().map(|s| s.snapshot()).collect()
+    }
+
+    /// Re-reads the device's size; if it changed, updates the config space and tells
+    /// the front end (CONFIG_CHANGE_MSG). Returns whether the size changed.
+    pub fn refresh_size(&self) -> bool {
+        let info = self.core.device.info();
+        let old = self.core.shared.limits.load().capacity;
+        if info.sectors == old {
+            return false;
+        }
+        self.core.shared.limits.store(Arc::new(Limits::new(&info, self.config.read_only)));
+        tracing::info!(export = %self.config.name, old, new = info.sectors, "device resized");
+        let mut chan = self.core.backend_channel.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = chan.as_mut() {
+            if let Err(e) = send_config_change(c) {
+                tracing::warn!(export = %self.config.name, "cannot send the config-change notice: {e}");
+                *chan = None;
+            }
+        }
+        true
+    }
+
+    /// Stops accepting, disconnects the front end after draining every request in
+    /// flight, and removes the socket.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.wake.write(1);
+        if let Some(s) = self.current.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.config.socket);
+    }
+}
+
+impl Drop for Export {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.shutdown();
+        }
+    }
+}
+
+fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    // A socket file left by a previous (killed) udm is replaced; anything else is not.
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path)?;
+        } else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way; remove it or pick another path",
+            ));
+        }
+    }
+    let l = UnixListener::bind(path)?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+fn accept_loop(
+    listener: UnixListener,
+    core: Arc<ExportCore>,
+    stop: Arc<AtomicBool>,
+    wake: Arc<EventFd>,
+    current: Arc<Mutex<Option<UnixStream>>>,
+) {
+    let epoll = match Epoll::new().and_then(|ep| {
+        ep.ctl(ControlOperation::Add, listener.as_raw_fd(), EpollEvent::new(EventSet::IN, 0))?;
+        ep.ctl(ControlOperation::Add, wake.as_raw_fd(), EpollEvent::new(EventSet::IN, 1))?;
+        Ok(ep)
+    }) {
+        Ok(ep) => ep,
+        Err(e) => {
+            tracing::error!(export = %core.name, "cannot wait for connections: {e}");
+            return;
+        }
+    };
+    let mut events = [EpollEvent::default(); 2];
+    while !stop.load(Ordering::Acquire) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                if stream.set_nonblocking(false).is_err() {
+                    continue;
+                }
+                if let Ok(clone) = stream.try_clone() {
+                    *current.lock().unwrap_or_else(|e| e.into_inner()) = Some(clone);
+                }
+                if stop.load(Ordering::Acquire) {
+                    break;
+                }
+                serve_connection(stream, &core);
+                *current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let _ = epoll.wait(-1, &mut events);
+            }
+            Err(e) => {
+                tracing::warn!(export = %core.name, "accept failed: {e}");
+                let _ = epoll.wait(100, &mut events);
+            }
+        }
+    }
+}
+
+/// Runs the vhost-user message loop of one front end until it disconnects.
+fn serve_connection(stream: UnixStream, core: &Arc<ExportCore>) {
+    let n = core.connections.fetch_add(1, Ordering::Relaxed) + 1;
+    tracing::info!(export = %core.name, connection = n, "front end connected");
+    core.connected.store(true, Ordering::Relaxed);
+    let peek = match stream.try_clone() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(export = %core.name, "cannot clone the connection: {e}");
+            return;
+        }
+    };
+    let handler = Arc::new(Mutex::new(BlkHandler::new(Arc::clone(core))));
+    let mut req = BackendReqHandler::from_stream(stream, Arc::clone(&handler));
+    let reason = loop {
+        match peek_backend_channel(&peek) {
+            Ok(Some(chan)) => *core.backend_channel.lock().unwrap_or_else(|e| e.into_inner()) = Some(chan),
+            Ok(None) => {}
+            Err(e) => break format!("{e}"),
+        }
+        if let Err(e) = req.handle_request() {
+            break format!("{e}");
+        }
+    };
+    handler.lock().unwrap_or_else(|e| e.into_inner()).disconnect();
+    *core.backend_channel.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    core.connected.store(false, Ordering::Relaxed);
+    tracing::info!(export = %core.name, connection = n, "front end disconnected: {reason}");
+}

@@ -1,0 +1,435 @@
+//! The vhost-user protocol state of one front-end connection.
+//!
+//! udm implements the `vhost` crate's request-handler trait itself instead of running
+//! vhost-user-backend's daemon: that crate's handler type is private and answers
+//! GET/SET_INFLIGHT_FD with "not supported", and its epoll worker model cannot give each
+//! virtqueue its own polled `IoQueue`. The `vhost` crate still parses and answers every
+//! message; this file keeps the per-ring state and starts and stops queue workers.
+
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight, VhostUserLog,
+    VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostUserSingleMemoryRegion, VhostUserVirtioFeatures, VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::{Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut};
+use vhost::VhostUserMemoryRegionBase;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
+use super::config_space::{config_space, read_window};
+use super::export::ExportCore;
+use super::features::{has, protocol_features, virtio_features};
+use super::guest_memory::MemoryTable;
+use super::inflight::{InflightQueue, InflightRegion};
+use super::worker::{spawn, QueueSetup, WorkerHandle};
+
+/// Most memory regions a front end may add (libblkio adds one per mapped buffer area).
+const MAX_MEM_SLOTS: u64 = 256;
+
+/// One virtqueue's configuration as the front end builds it up.
+struct Vring {
+    size: u16,
+    /// Guest physical addresses of descriptor table, available ring, used ring.
+    addrs: Option<(u64, u64, u64)>,
+    next_avail: u16,
+    kick: Option<File>,
+    call: Arc<ArcSwapOption<File>>,
+    enabled: bool,
+    inflight: Option<InflightQueue>,
+    worker: Option<WorkerHandle>,
+}
+
+impl Vring {
+    fn new(size: u16) -> Self {
+        Vring {
+            size,
+            addrs: None,
+            next_avail: 0,
+            kick: None,
+            call: Arc::new(ArcSwapOption::empty()),
+            enabled: false,
+            inflight: None,
+            worker: None,
+        }
+    }
+}
+
+/// The protocol handler of one connection.
+pub struct BlkHandler {
+    core: Arc<ExportCore>,
+    owned: bool,
+    acked_features: u64,
+    acked_protocol: u64,
+    memory: MemoryTable,
+    vrings: Vec<Vring>,
+    inflight: Option<InflightRegion>,
+}
+
+fn invalid(msg: &'static str) -> VuError {
+    VuError::InvalidOperation(msg)
+}
+
+fn internal(e: impl std::fmt::Display) -> VuError {
+    tracing::warn!("vhost-user request failed: {e}");
+    VuError::ReqHandlerError(io::Error::other(e.to_string()))
+}
+
+impl BlkHandler {
+    /// A fresh handler for a new connection to the export.
+    pub fn new(core: Arc<ExportCore>) -> Self {
+        let vrings = (0..core.num_queues).map(|_| Vring::new(core.queue_size)).collect();
+        BlkHandler {
+            memory: MemoryTable::new(Arc::clone(&core.device)),
+            core,
+            owned: false,
+            acked_features: 0,
+            acked_protocol: 0,
+            vrings,
+            inflight: None,
+        }
+    }
+
+    fn vring(&mut self, index: u32) -> VuResult<&mut Vring> {
+        self.vrings.get_mut(index as usize).ok_or(VuError::InvalidParam)
+    }
+
+    fn protocol_negotiated(&self) -> bool {
+        self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+    }
+
+    /// Starts ring `index` if it has everything it needs and is not running.
+    fn try_start(&mut self, index: usize) -> VuResult<()> {
+        let event_idx = has(self.acked_features, VIRTIO_RING_F_EVENT_IDX);
+        let core = Arc::clone(&self.core);
+        let memory_empty = self.memory.is_empty();
+        let region_queue = match (&self.inflight, self.vrings[index].inflight.is_none()) {
+            (Some(region), true) => region.queue(index as u16),
+            _ => None,
+        };
+        let vr = &mut self.vrings[index];
+        if region_queue.is_some() {
+            vr.inflight = region_queue;
+        }
+        if vr.worker.is_some() || !vr.enabled || vr.kick.is_none() || memory_empty {
+            return Ok(());
+        }
+        let Some((desc, avail, used)) = vr.addrs else { return Ok(()) };
+        let kick = vr.kick.take().expect("checked above");
+        let ioq = core.device.open_queue(usize::from(vr.size)).map_err(internal)?;
+        let setup = QueueSetup {
+            index: index as u16,
+            size: vr.size,
+            desc,
+            avail,
+            used,
+            next_avail: vr.next_avail,
+            event_idx,
+            kick,
+            call: Arc::clone(&vr.call),
+            inflight: vr.inflight.take(),
+        };
+        let cpu = (!core.cpus.is_empty()).then(|| core.cpus[index % core.cpus.len()]);
+        let name = format!("udm-{}-q{index}", core.name);
+        let handle = spawn(setup, self.memory.atomic(), ioq, Arc::clone(&core.shared), cpu, name).map_err(|e| {
+            tracing::warn!(export = %core.name, queue = index, "cannot start virtqueue: {e}");
+            internal(e)
+        })?;
+        self.vrings[index].worker = Some(handle);
+        tracing::debug!(export = %core.name, queue = index, "virtqueue started");
+        Ok(())
+    }
+
+    /// Stops ring `index` (draining its requests), keeping its state for a restart.
+    fn stop(&mut self, index: usize) {
+        let vr = &mut self.vrings[index];
+        if let Some(w) = vr.worker.take() {
+            let end = w.stop();
+            vr.next_avail = end.next_avail;
+            vr.kick = Some(end.kick);
+            vr.inflight = end.inflight;
+        }
+    }
+
+    /// Stops every ring and forgets the front end's memory: the connection is gone.
+    pub fn disconnect(&mut self) {
+        for i in 0..self.vrings.len() {
+            self.stop(i);
+        }
+        self.memory.clear();
+    }
+}
+
+impl Drop for BlkHandler {
+    fn drop(&mut self) {
+        self.disconnect();
+    }
+}
+
+impl VhostUserBackendReqHandlerMut for BlkHandler {
+    fn set_owner(&mut self) -> VuResult<()> {
+        if self.owned {
+            return Err(invalid("already claimed"));
+        }
+        self.owned = true;
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> VuResult<()> {
+        self.reset_device()?;
+        self.owned = false;
+        self.acked_protocol = 0;
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> VuResult<()> {
+        for i in 0..self.vrings.len() {
+            self.stop(i);
+        }
+        let size = self.core.queue_size;
+        for vr in self.vrings.iter_mut() {
+            *vr = Vring::new(size);
+        }
+        self.acked_features = 0;
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> VuResult<u64> {
+        Ok(virtio_features(&self.core.current_info()))
+    }
+
+    fn set_features(&mut self, features: u64) -> VuResult<()> {
+        if features & !virtio_features(&self.core.current_info()) != 0 {
+            return Err(VuError::InvalidParam);
+        }
+        self.acked_features = features;
+        if !self.protocol_negotiated() {
+            // Without protocol features, rings are enabled from the start (vhost-user spec).
+            for i in 0..self.vrings.len() {
+                self.vrings[i].enabled = true;
+                self.try_start(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn set_mem_table(
+        &mut self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        postcopy_listening: Option<bool>,
+    ) -> VuResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        if postcopy_listening.is_some() {
+            return Err(invalid("postcopy is not supported"));
+        }
+        self.memory.set(ctx, files).map_err(internal)?;
+        for i in 0..self.vrings.len() {
+            self.try_start(i)?;
+        }
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
+        let max = self.core.queue_size;
+        let vr = self.vring(index)?;
+        if num == 0 || num > u32::from(max) || !num.is_power_of_two() {
+            return Err(VuError::InvalidParam);
+        }
+        vr.size = num as u16;
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VuResult<()> {
+        let tr = |va| self.memory.vmm_to_gpa(va).ok_or(VuError::InvalidParam);
+        let addrs = (tr(descriptor)?, tr(available)?, tr(used)?);
+        self.vring(index)?.addrs = Some(addrs);
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
+        self.vring(index)?.next_avail = base as u16;
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
+        self.vring(index)?;
+        let i = index as usize;
+        self.stop(i);
+        let vr = &mut self.vrings[i];
+        // The ring is stopped: the front end re-sends kick and call before restarting it.
+        vr.kick = None;
+        vr.call.store(None);
+        Ok(VhostUserVringState::new(index, u32::from(vr.next_avail)))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let i = usize::from(index);
+        self.vring(u32::from(index))?;
+        self.stop(i);
+        self.vrings[i].kick = fd;
+        self.try_start(i)
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        self.vring(u32::from(index))?.call.store(fd.map(Arc::new));
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> VuResult<()> {
+        self.vring(u32::from(index))?;
+        Ok(())
+    }
+
+    fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
+        Ok(protocol_features())
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
+        if features & !protocol_features().bits() != 0 {
+            return Err(VuError::InvalidParam);
+        }
+        self.acked_protocol = features;
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> VuResult<u64> {
+        Ok(u64::from(self.core.num_queues))
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
+        if !self.protocol_negotiated() {
+            return Err(VuError::InactiveFeature(VhostUserVirtioFeatures::PROTOCOL_FEATURES));
+        }
+        let i = index as usize;
+        self.vring(index)?.enabled = enable;
+        if enable {
+            self.try_start(i)
+        } else {
+            self.stop(i);
+            Ok(())
+        }
+    }
+
+    fn get_config(&mut self, offset: u32, size: u32, _flags: VhostUserConfigFlags) -> VuResult<Vec<u8>> {
+        let info = self.core.current_info();
+        let limits = **self.core.shared.limits.load();
+        Ok(read_window(&config_space(&info, &limits, self.core.num_queues), offset, size))
+    }
+
+    fn set_config(&mut self, _offset: u32, _buf: &[u8], _flags: VhostUserConfigFlags) -> VuResult<()> {
+        // Every field udm offers is read-only (no CONFIG_WCE): writes are ignored, as the
+        // virtio spec asks of devices.
+        Ok(())
+    }
+
+    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VuResult<()> {
+        Err(invalid("not a GPU device"))
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VuResult<File> {
+        Err(invalid("shared objects are not supported"))
+    }
+
+    fn get_inflight_fd(&mut self, inflight: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
+        if inflight.num_queues == 0 || inflight.num_queues > self.core.num_queues || inflight.queue_size == 0 {
+            return Err(VuError::InvalidParam);
+        }
+        let region = InflightRegion::create(inflight.num_queues, inflight.queue_size).map_err(internal)?;
+        let file = region.file().try_clone().map_err(VuError::ReqHandlerError)?;
+        let reply = VhostUserInflight {
+            mmap_size: region.len() as u64,
+            mmap_offset: 0,
+            num_queues: inflight.num_queues,
+            queue_size: inflight.queue_size,
+        };
+        self.install_inflight(region);
+        Ok((reply, file))
+    }
+
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VuResult<()> {
+        if inflight.num_queues > self.core.num_queues {
+            return Err(VuError::InvalidParam);
+        }
+        let region = InflightRegion::map(
+            file,
+            inflight.mmap_size,
+            inflight.mmap_offset,
+            inflight.num_queues,
+            inflight.queue_size,
+        )
+        .map_err(internal)?;
+        self.install_inflight(region);
+        Ok(())
+    }
+
+    fn get_max_mem_slots(&mut self) -> VuResult<u64> {
+        Ok(MAX_MEM_SLOTS)
+    }
+
+    fn add_mem_region(
+        &mut self,
+        region: &VhostUserSingleMemoryRegion,
+        fd: File,
+        postcopy_listening: Option<bool>,
+    ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
+        if postcopy_listening.is_some() {
+            return Err(invalid("postcopy is not supported"));
+        }
+        if self.memory.len() as u64 >= MAX_MEM_SLOTS {
+            return Err(invalid("no free memory slot"));
+        }
+        self.memory.add(region, fd).map_err(internal)?;
+        for i in 0..self.vrings.len() {
+            self.try_start(i)?;
+        }
+        Ok(None)
+    }
+
+    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
+        self.memory.remove(region.guest_phys_addr, region.memory_size).map_err(internal)
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VuResult<Option<File>> {
+        Err(invalid("device state transfer is not supported"))
+    }
+
+    fn check_device_state(&mut self) -> VuResult<()> {
+        Err(invalid("device state transfer is not supported"))
+    }
+
+    fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {
+        Err(invalid("shared memory regions are not supported"))
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
+        Err(invalid("dirty logging is not supported"))
+    }
+}
+
+impl BlkHandler {
+    fn install_inflight(&mut self, region: InflightRegion) {
+        // Rings keep the window they already hold; new starts take theirs from the region.
+        for vr in self.vrings.iter_mut() {
+            if vr.worker.is_none() {
+                vr.inflight = None;
+            }
+        }
+        self.inflight = Some(region);
+    }
+}

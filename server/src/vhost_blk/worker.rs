@@ -1,0 +1,555 @@
+//! One virtqueue's worker thread: pops descriptor chains, turns them into `IoRequest`s on
+//! the thread's own `IoQueue`, and publishes completions to the used ring.
+//!
+//! Run to completion, no locks: the worker owns its `Queue`, its `IoQueue`, a slot per
+//! possible in-flight chain (each with a preallocated segment vector, so nothing is
+//! allocated per request) and its part of the inflight region. Two idle strategies:
+//! [`PollMode::Event`] re-enables guest notifications and sleeps on the kick eventfd;
+//! [`PollMode::Busy`] keeps polling the available ring (lowest latency, one core).
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use hdrhistogram::Histogram;
+use udm_drivers::{Completion, IoError, IoQueue, IoRequest, IoSegment, QueueFull, SgList};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::chain::{desc, ChainWalk};
+use super::config_space::Limits;
+use super::inflight::InflightQueue;
+use super::log_limit::LogLimit;
+use super::request::{
+    parse_chain, BlkOp, BlkRequest, Desc, GuestMem, Rejection, ID_BYTES, MAX_CHAIN, STATUS_IOERR, STATUS_OK,
+    STATUS_UNSUPP,
+};
+use super::stats::{new_histogram, Kind, QueueStats};
+
+/// How a worker waits when its queue is empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PollMode {
+    /// Sleep on the guest's kick (low CPU use).
+    #[default]
+    Event,
+    /// Spin on the available ring (lowest latency; burns one core per queue).
+    Busy,
+}
+
+/// Everything a worker needs to run one virtqueue.
+pub struct QueueSetup {
+    /// Virtqueue index.
+    pub index: u16,
+    /// Ring size.
+    pub size: u16,
+    /// Guest physical addresses of the descriptor table, available and used rings.
+    pub desc: u64,
+    /// Available ring.
+    pub avail: u64,
+    /// Used ring.
+    pub used: u64,
+    /// Where to resume in the available ring (SET_VRING_BASE).
+    pub next_avail: u16,
+    /// VIRTIO_RING_F_EVENT_IDX negotiated.
+    pub event_idx: bool,
+    /// The guest's kick.
+    pub kick: File,
+    /// The interrupt to the guest; may change while the queue runs.
+    pub call: Arc<ArcSwapOption<File>>,
+    /// This queue's inflight window, when the front end set one up.
+    pub inflight: Option<InflightQueue>,
+}
+
+/// What the export shares with all its workers.
+pub struct Shared {
+    /// Limits enforced on requests (capacity changes on resize).
+    pub limits: ArcSwap<Limits>,
+    /// Serial number returned by GET_ID.
+    pub serial: [u8; ID_BYTES],
+    /// Idle strategy.
+    pub mode: PollMode,
+    /// Per-queue statistics, indexed by virtqueue.
+    pub stats: Vec<Arc<QueueStats>>,
+}
+
+/// What a stopped worker hands back, so the ring can be restarted or reported.
+pub struct QueueEnd {
+    /// Next available index (for GET_VRING_BASE).
+    pub next_avail: u16,
+    /// The kick eventfd.
+    pub kick: File,
+    /// The inflight window.
+    pub inflight: Option<InflightQueue>,
+}
+
+/// Handle to a running worker thread.
+pub struct WorkerHandle {
+    stop: Arc<AtomicBool>,
+    wake: Arc<EventFd>,
+    thread: std::thread::JoinHandle<QueueEnd>,
+}
+
+impl WorkerHandle {
+    /// Stops the worker after it has completed every request it took; returns its state.
+    pub fn stop(self) -> QueueEnd {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.wake.write(1);
+        match self.thread.join() {
+            Ok(end) => end,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+}
+
+/// Why a worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The ring addresses or size are invalid for the guest's memory.
+    #[error("virtqueue {0} is not valid in guest memory (size or ring addresses)")]
+    InvalidQueue(u16),
+    /// The device refused a queue.
+    #[error("opening a device queue: {0}")]
+    Device(#[from] udm_drivers::DeviceError),
+    /// A host resource (eventfd, epoll, thread) failed.
+    #[error("{0}: {1}")]
+    Host(&'static str, std::io::Error),
+}
+
+/// Starts a worker thread for `setup`, submitting to `ioq`, optionally pinned to `cpu`.
+pub fn spawn(
+    setup: QueueSetup,
+    memory: GuestMemoryAtomic<GuestMem>,
+    ioq: Box<dyn IoQueue>,
+    shared: Arc<Shared>,
+    cpu: Option<usize>,
+    name: String,
+) -> Result<WorkerHandle, StartError> {
+    let mem = memory.memory().into_inner();
+    let mut queue = Queue::new(setup.size).map_err(|_| StartError::InvalidQueue(setup.index))?;
+    queue.set_size(setup.size);
+    queue
+        .try_set_desc_table_address(GuestAddress(setup.desc))
+        .and_then(|_| queue.try_set_avail_ring_address(GuestAddress(setup.avail)))
+        .and_then(|_| queue.try_set_used_ring_address(GuestAddress(setup.used)))
+        .map_err(|_| StartError::InvalidQueue(setup.index))?;
+    queue.set_event_idx(setup.event_idx);
+    queue.set_ready(true);
+    if !queue.is_valid(&*mem) {
+        return Err(StartError::InvalidQueue(setup.index));
+    }
+    let ring_used = queue.used_idx(&*mem, Ordering::Acquire).map_err(|_| StartError::InvalidQueue(setup.index))?.0;
+    queue.set_next_used(ring_used);
+    queue.set_next_avail(setup.next_avail);
+    let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| StartError::Host("eventfd", e))?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let stats = Arc::clone(&shared.stats[usize::from(setup.index)]);
+    let size = usize::from(setup.size);
+    let mut worker = Worker {
+        index: setup.index,
+        queue,
+        memory,
+        mem,
+        retired: Vec::new(),
+        kick: setup.kick,
+        call: setup.call,
+        inflight: setup.inflight,
+        ioq,
+        slots: (0..size).map(|_| Slot::new()).collect(),
+        free: (0..size as u16).rev().collect(),
+        backlog: VecDeque::with_capacity(size),
+        completions: vec![Completion::EMPTY; size.max(32)],
+        in_flight: 0,
+        need_notify: false,
+        shared,
+        stats,
+        latency: new_histogram(),
+        unmerged: 0,
+        log: LogLimit::new(Duration::from_secs(1)),
+        stop: Arc::clone(&stop),
+        wake: Arc::clone(&wake),
+        desc_table: setup.desc,
+        size: setup.size,
+    };
+    let resubmit = worker.recover(ring_used);
+    let thread = std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            if let Some(cpu) = cpu {
+                crate::cpu::pin_current_thread(cpu);
+            }
+            worker.run(resubmit)
+        })
+        .map_err(|e| StartError::Host("spawning a queue worker", e))?;
+    Ok(WorkerHandle { stop, wake, thread })
+}
+
+/// One chain in flight.
+struct Slot {
+    head: u16,
+    req: Option<BlkRequest>,
+    segs: Vec<IoSegment>,
+    started: Instant,
+}
+
+// SAFETY: a slot's segments describe guest memory the worker keeps mapped (through its
+// `Arc<GuestMem>`); the slot moves into the worker thread once, before any request uses
+// it, and is only touched by that thread afterwards.
+unsafe impl Send for Slot {}
+
+impl Slot {
+    fn new() -> Self {
+        Slot { head: 0, req: None, segs: Vec::with_capacity(MAX_CHAIN), started: Instant::now() }
+    }
+}
+
+struct Worker {
+    index: u16,
+    queue: Queue,
+    memory: GuestMemoryAtomic<GuestMem>,
+    /// The memory in use; replaced only when nothing is in flight, so every segment of
+    /// every in-flight request stays mapped.
+    mem: Arc<GuestMem>,
+    /// Earlier memory tables still used by requests in flight.
+    retired: Vec<Arc<GuestMem>>,
+    kick: File,
+    call: Arc<ArcSwapOption<File>>,
+    inflight: Option<InflightQueue>,
+    ioq: Box<dyn IoQueue>,
+    slots: Vec<Slot>,
+    free: Vec<u16>,
+    backlog: VecDeque<IoRequest>,
+    completions: Vec<Completion>,
+    in_flight: usize,
+    need_notify: bool,
+    shared: Arc<Shared>,
+    stats: Arc<QueueStats>,
+    latency: Histogram<u64>,
+    unmerged: u32,
+    log: LogLimit,
+    stop: Arc<AtomicBool>,
+    wake: Arc<EventFd>,
+    desc_table: u64,
+    size: u16,
+}
+
+impl Worker {
+    /// Reads the inflight window; returns the heads to resubmit and moves the available
+    /// index past them.
+    fn recover(&mut self, ring_used: u16) -> Vec<u16> {
+        let Some(inflight) = self.inflight.as_mut() else { return Vec::new() };
+        let r = inflight.recover(ring_used, self.size);
+        if !r.resubmit.is_empty() {
+            tracing::info!(queue = self.index, count = r.resubmit.len(), "resubmitting requests left in flight");
+            self.queue.set_next_avail(r.next_avail);
+        }
+        r.resubmit
+    }
+
+    fn run(mut self, resubmit: Vec<u16>) -> QueueEnd {
+        let epoll = self.make_epoll();
+        let mem = Arc::clone(&self.mem);
+        for head in resubmit {
+            if let Some(slot) = self.free.pop() {
+                let walk = ChainWalk::new(&mem, self.desc_table, self.size, head);
+                self.start(&mem, slot, head, walk);
+            }
+        }
+        if self.shared.mode == PollMode::Busy || epoll.is_some() {
+            let _ = self.queue.disable_notification(&*self.mem);
+        }
+        let mut events = [EpollEvent::default(); 2];
+        let mut idle_spins = 0u32;
+        loop {
+            let stopping = self.stop.load(Ordering::Acquire);
+            let mut progress = false;
+            if !stopping {
+                progress |= self.pop_all();
+            }
+            self.flush_backlog();
+            self.ioq.kick();
+            progress |= self.reap();
+            self.notify();
+            if progress {
+                idle_spins = 0;
+                continue;
+            }
+            if self.in_flight > 0 || !self.backlog.is_empty() {
+                // Waiting for the device: keep polling it (completions only come from poll).
+                std::hint::spin_loop();
+                idle_spins = idle_spins.saturating_add(1);
+                if idle_spins > 4096 {
+                    std::thread::yield_now();
+                }
+                continue;
+            }
+            if stopping {
+                break;
+            }
+            self.publish_latency();
+            self.retired.clear();
+            match (&epoll, self.shared.mode) {
+                (Some(ep), PollMode::Event) => {
+                    match self.queue.enable_notification(&*self.mem) {
+                        Ok(true) => {
+                            let _ = self.queue.disable_notification(&*self.mem);
+                            continue;
+                        }
+                        Ok(false) => {}
+                        Err(e) => self.log_error(format_args!("enabling notifications: {e:?}")),
+                    }
+                    let n = ep.wait(-1, &mut events).unwrap_or(0);
+                    let kicked = events[..n].iter().any(|e| e.data() == 0);
+                    self.drain_kick(kicked);
+                    let _ = self.queue.disable_notification(&*self.mem);
+                }
+                _ => std::hint::spin_loop(),
+            }
+        }
+        self.publish_latency();
+        QueueEnd { next_avail: self.queue.next_avail(), kick: self.kick, inflight: self.inflight }
+    }
+
+    fn make_epoll(&self) -> Option<Epoll> {
+        let ep = Epoll::new().ok()?;
+        ep.ctl(ControlOperation::Add, self.kick.as_raw_fd(), EpollEvent::new(EventSet::IN, 0)).ok()?;
+        ep.ctl(ControlOperation::Add, self.wake.as_raw_fd(), EpollEvent::new(EventSet::IN, 1)).ok()?;
+        Some(ep)
+    }
+
+    fn drain_kick(&mut self, kicked: bool) {
+        // Read the kick only when epoll said it is readable: front ends (libblkio) may
+        // hand over a blocking eventfd.
+        if kicked {
+            let mut buf = [0u8; 8];
+            let _ = self.kick.read(&mut buf);
+        }
+        let _ = self.wake.read();
+    }
+
+    /// Picks up a new memory table (front ends add regions while queues run). Requests
+    /// in flight may point into the old one, so it is kept until the queue is idle.
+    fn reload_memory(&mut self) {
+        let guard = self.memory.memory();
+        if std::ptr::eq(&*guard, &*self.mem) {
+            return;
+        }
+        let old = std::mem::replace(&mut self.mem, guard.into_inner());
+        if self.in_flight > 0 || !self.backlog.is_empty() {
+            self.retired.push(old);
+        }
+    }
+
+    /// Pops every available chain there is room for.
+    fn pop_all(&mut self) -> bool {
+        self.reload_memory();
+        let mem = Arc::clone(&self.mem);
+        let mut progress = false;
+        while let Some(slot) = self.free.pop() {
+            let Some(chain) = self.queue.pop_descriptor_chain(&*mem) else {
+                self.free.push(slot);
+                break;
+            };
+            progress = true;
+            let head = chain.head_index();
+            if let Some(inf) = self.inflight.as_mut() {
+                inf.take(head);
+            }
+            self.start(&mem, slot, head, chain.map(desc));
+        }
+        progress
+    }
+
+    /// Parses one chain and submits it (or answers it at once).
+    fn start(&mut self, mem: &GuestMem, slot_idx: u16, head: u16, descs: impl Iterator<Item = Desc>) {
+        let limits = self.shared.limits.load();
+        let slot = &mut self.slots[usize::from(slot_idx)];
+        slot.head = head;
+        slot.req = None;
+        let req = match parse_chain(mem, descs, &limits, &mut slot.segs) {
+            Ok(r) => r,
+            Err(rej) => {
+                self.stats.reject();
+                self.log_rejection(head, &rej);
+                self.finish_rejected(slot_idx, rej);
+                return;
+            }
+        };
+        slot.req = Some(req);
+        slot.started = Instant::now();
+        let tag = u64::from(slot_idx);
+        // SAFETY: the segments live in the slot, which is not reused (nor its vector
+        // grown) until this request completes; they point into guest memory that `self.mem`
+        // keeps mapped until then.
+        let sg = unsafe { SgList::from_raw(slot.segs.as_ptr(), slot.segs.len()) };
+        let io = match req.op {
+            BlkOp::Read => IoRequest::read(req.sector, sg, tag),
+            BlkOp::Write => IoRequest::write(req.sector, sg, tag),
+            BlkOp::Flush => IoRequest::flush(tag),
+            BlkOp::Discard => IoRequest::discard(req.sector, req.sectors, tag),
+            BlkOp::WriteZeroes => IoRequest::write_zeroes(req.sector, req.sectors, tag),
+            BlkOp::GetId => {
+                let mut id = [0u8; ID_BYTES];
+                let n = sg.len().min(ID_BYTES);
+                id[..n].copy_from_slice(&self.shared.serial[..n]);
+                sg.copy_from_slice(&id[..n]);
+                self.finish(slot_idx, STATUS_OK);
+                return;
+            }
+        };
+        if self.backlog.is_empty() {
+            match self.ioq.submit(io) {
+                Ok(()) => self.in_flight += 1,
+                Err(QueueFull(back)) => self.backlog.push_back(back),
+            }
+        } else {
+            self.backlog.push_back(io);
+        }
+    }
+
+    fn flush_backlog(&mut self) {
+        while let Some(io) = self.backlog.pop_front() {
+            match self.ioq.submit(io) {
+                Ok(()) => self.in_flight += 1,
+                Err(QueueFull(back)) => {
+                    self.backlog.push_front(back);
+                    break;
+                }
+            }
+        }
+    }
+
+    fn reap(&mut self) -> bool {
+        let mut any = false;
+        loop {
+            let n = self.ioq.poll(&mut self.completions);
+            if n == 0 {
+                return any;
+            }
+            any = true;
+            self.in_flight -= n;
+            for i in 0..n {
+                let c = self.completions[i];
+                let slot_idx = c.tag as u16;
+                let status = match c.result {
+                    Ok(()) => STATUS_OK,
+                    Err(IoError::Unsupported { .. }) => STATUS_UNSUPP,
+                    Err(e) => {
+                        let q = self.index;
+                        self.log_error(format_args!("request on queue {q} failed: {e}"));
+                        STATUS_IOERR
+                    }
+                };
+                let slot = &self.slots[usize::from(slot_idx)];
+                if let Some(req) = slot.req {
+                    let ns = slot.started.elapsed().as_nanos() as u64;
+                    let _ = self.latency.record(ns.max(1));
+                    self.unmerged += 1;
+                    let (kind, bytes) = match req.op {
+                        BlkOp::Read => (Kind::Read, req.sectors * 512),
+                        BlkOp::Write => (Kind::Write, req.sectors * 512),
+                        BlkOp::Flush => (Kind::Flush, 0),
+                        BlkOp::Discard => (Kind::Discard, 0),
+                        BlkOp::WriteZeroes => (Kind::WriteZeroes, 0),
+                        BlkOp::GetId => (Kind::Other, 0),
+                    };
+                    self.stats.complete(kind, bytes, status == STATUS_OK);
+                }
+                self.finish(slot_idx, status);
+            }
+            if self.unmerged >= 4096 {
+                self.publish_latency();
+            }
+        }
+    }
+
+    /// Writes the status byte and publishes the chain in the used ring.
+    fn finish(&mut self, slot_idx: u16, status: u8) {
+        let slot = &self.slots[usize::from(slot_idx)];
+        let head = slot.head;
+        let (addr, len) = match slot.req {
+            Some(req) => (Some(req.status), req.used_len(status)),
+            None => (None, 0),
+        };
+        if let Some(addr) = addr {
+            if self.mem.write_obj(status, addr).is_err() {
+                self.log_error(format_args!("status byte at {:#x} is no longer in guest memory", addr.0));
+            }
+        }
+        self.publish_used(head, len);
+        self.free.push(slot_idx);
+    }
+
+    fn finish_rejected(&mut self, slot_idx: u16, rej: Rejection) {
+        let head = self.slots[usize::from(slot_idx)].head;
+        let len = match rej.status_addr {
+            Some(addr) => {
+                let _ = self.mem.write_obj(rej.reason.status(), addr);
+                1
+            }
+            None => 0,
+        };
+        self.publish_used(head, len);
+        self.free.push(slot_idx);
+    }
+
+    fn publish_used(&mut self, head: u16, len: u32) {
+        if let Some(inf) = self.inflight.as_mut() {
+            inf.pre_put(head);
+        }
+        if let Err(e) = self.queue.add_used(&*self.mem, head, len) {
+            self.log_error(format_args!("adding head {head} to the used ring: {e:?}"));
+            return;
+        }
+        if let Some(inf) = self.inflight.as_mut() {
+            inf.post_put(head, self.queue.next_used());
+        }
+        self.need_notify = true;
+    }
+
+    fn notify(&mut self) {
+        if !self.need_notify {
+            return;
+        }
+        self.need_notify = false;
+        if !self.queue.needs_notification(&*self.mem).unwrap_or(true) {
+            return;
+        }
+        if let Some(call) = self.call.load().as_ref() {
+            let _ = (&**call).write(&1u64.to_ne_bytes());
+        }
+    }
+
+    fn publish_latency(&mut self) {
+        if self.unmerged > 0 && self.stats.try_merge(&self.latency) {
+            self.latency.reset();
+            self.unmerged = 0;
+        }
+    }
+
+    fn log_rejection(&mut self, head: u16, rej: &Rejection) {
+        if let Some(dropped) = self.log.allow() {
+            tracing::debug!(
+                queue = self.index,
+                head,
+                status = rej.reason.status(),
+                suppressed = dropped,
+                "refused a request from the guest: {}",
+                rej.reason
+            );
+        }
+    }
+
+    fn log_error(&mut self, msg: std::fmt::Arguments<'_>) {
+        if let Some(dropped) = self.log.allow() {
+            tracing::warn!(queue = self.index, suppressed = dropped, "{msg}");
+        }
+    }
+}
