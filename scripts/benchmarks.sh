@@ -33,19 +33,26 @@ if [ ! -f "$IMG" ] || [ "$(stat -c %s "$IMG")" -lt $((1 << 30)) ]; then
   fio --name=prefill --filename="$IMG" --rw=write --bs=1M --direct=1 --size=1G --ioengine=io_uring --output=/dev/null
 fi
 echo
-echo "File: $IMG ($(df -T "$IMG" | awk 'NR==2 {print $2}') on $(df "$IMG" | awk 'NR==2 {print $1}'), 1 GiB, O_DIRECT), 4k randread, one job/thread, ${FILE_TIME}s per run, $ROUNDS rounds alternating"
+echo "File: $IMG ($(df -T "$IMG" | awk 'NR==2 {print $2}') on $(df "$IMG" | awk 'NR==2 {print $1}'), 1 GiB, O_DIRECT), 4k randread, one job/thread, ${FILE_TIME}s per run, $ROUNDS rounds alternating; load average now $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
-echo "| qd | round | fio IOPS | fio clat p50 us | fio clat p99 us | fio CPU % | udm IOPS | udm p50 us | udm p99 us | udm CPU % | udm/fio IOPS |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|"
+echo "udm busy = busy-polling (default); udm wait = \`--wait\` (sleeps in io_uring_enter like fio). CPU % = CPU time / wall time."
+echo
+echo "| qd | round | fio IOPS | fio clat p50 us | fio CPU % | udm busy IOPS | p50 us | CPU % | udm wait IOPS | p50 us | CPU % | busy/fio | wait/fio |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+udm_file() {
+  udm_json --device "file:$IMG" --rw randread --bs 4k --qd "$1" --time "$FILE_TIME" "${@:2}" |
+    field "' '.join(str(x) for x in [r['iops'], r['read']['lat_us']['p50'], 100 * (r['cpu']['user_s'] + r['cpu']['sys_s']) / r['seconds']])"
+}
 for qd in 1 32; do
   for round in $(seq 1 "$ROUNDS"); do
     f=$(fio --name=cmp --filename="$IMG" --ioengine=io_uring --direct=1 --rw=randread --bs=4k --iodepth="$qd" \
           --numjobs=1 --time_based --runtime="$FILE_TIME" --size=1G --output-format=json 2>/dev/null |
-        field "' '.join(str(x) for x in [r['jobs'][0]['read']['iops'], r['jobs'][0]['read']['clat_ns']['percentile']['50.000000']/1e3, r['jobs'][0]['read']['clat_ns']['percentile']['99.000000']/1e3, r['jobs'][0]['usr_cpu'] + r['jobs'][0]['sys_cpu']])")
-    u=$(udm_json --device "file:$IMG" --rw randread --bs 4k --qd "$qd" --time "$FILE_TIME" |
-        field "' '.join(str(x) for x in [r['iops'], r['read']['lat_us']['p50'], r['read']['lat_us']['p99'], 100 * (r['cpu']['user_s'] + r['cpu']['sys_s']) / r['seconds']])")
-    read -r fi fp50 fp99 fcpu <<<"$f"
-    read -r ui up50 up99 ucpu <<<"$u"
-    python3 -c "print(f'| $qd | $round | {$fi:.0f} | {$fp50:.1f} | {$fp99:.1f} | {$fcpu:.0f} | {$ui:.0f} | {$up50:.1f} | {$up99:.1f} | {$ucpu:.0f} | {$ui/$fi:.2f} |')"
+        field "' '.join(str(x) for x in [r['jobs'][0]['read']['iops'], r['jobs'][0]['read']['clat_ns']['percentile']['50.000000']/1e3, r['jobs'][0]['usr_cpu'] + r['jobs'][0]['sys_cpu']])")
+    b=$(udm_file "$qd")
+    w=$(udm_file "$qd" --wait)
+    read -r fi fp50 fcpu <<<"$f"
+    read -r bi bp50 bcpu <<<"$b"
+    read -r wi wp50 wcpu <<<"$w"
+    python3 -c "print(f'| $qd | $round | {$fi:.0f} | {$fp50:.1f} | {$fcpu:.0f} | {$bi:.0f} | {$bp50:.1f} | {$bcpu:.0f} | {$wi:.0f} | {$wp50:.1f} | {$wcpu:.0f} | {$bi/$fi:.2f} | {$wi/$fi:.2f} |')"
   done
 done

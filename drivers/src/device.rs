@@ -101,6 +101,17 @@ pub trait IoQueue: Send {
     /// progress on work in flight, so callers poll until `in_flight()` reaches zero.
     fn poll(&mut self, out: &mut [Completion]) -> usize;
 
+    /// Does what `kick` does, then sleeps until a request has completed or `timeout`
+    /// has passed, for callers that would rather sleep than spin while everything is in
+    /// flight (an event-driven reactor, `udm bench --wait`). Completions are still
+    /// collected with `poll`. May return early. The default only kicks: for queues that
+    /// complete without interrupts (in memory, polled NVMe) polling is the only way
+    /// forward.
+    fn wait(&mut self, timeout: std::time::Duration) {
+        let _ = timeout;
+        self.kick();
+    }
+
     /// Requests submitted and not yet returned by `poll`.
     fn in_flight(&self) -> usize;
 

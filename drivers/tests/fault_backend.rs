@@ -125,3 +125,55 @@ fn corrupt_reads_flip_one_byte_of_chosen_sectors_only() {
         }
     }
 }
+
+mod model {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Any sequence of writes, any cut point and seed: the media equals a model that
+        /// applies the writes before the cut whole, the recorded pieces of the torn one,
+        /// and nothing after it.
+        #[test]
+        fn media_after_power_loss_matches_the_model(
+            writes in prop::collection::vec((0u64..480, 1u64..32), 1..24),
+            cut in 1u64..26,
+            seed in any::<u64>(),
+        ) {
+            let sectors = 512u64;
+            let dev = FaultDevice::new(disk(sectors * 512, 512));
+            let ctl = dev.control();
+            ctl.power_loss_at_write(cut, seed);
+            let mut q = dev.open_queue(4).unwrap();
+            let mut model = vec![0u64; sectors as usize]; // salt per sector, 0 = never written
+            for (i, &(start, len)) in writes.iter().enumerate() {
+                let salt = i as u64 + 1;
+                prop_assert_eq!(write_pattern(&mut *q, start, len, salt), Ok(()));
+                let ordinal = i as u64 + 1;
+                if ordinal < cut {
+                    (start..start + len).for_each(|s| model[s as usize] = salt);
+                } else if ordinal == cut {
+                    let torn = ctl.torn_write().unwrap();
+                    prop_assert_eq!((torn.sector, torn.sectors), (start, len));
+                    for r in torn.applied {
+                        prop_assert!(r.start >= start && r.end <= start + len);
+                        r.for_each(|s| model[s as usize] = salt);
+                    }
+                }
+            }
+            prop_assert_eq!(ctl.power_lost(), writes.len() as u64 >= cut);
+            let mut media = dev.inner().open_queue(2).unwrap();
+            let data = read_back(&mut *media, 0, sectors);
+            for (s, &salt) in model.iter().enumerate() {
+                let bytes = &data[s * 512..(s + 1) * 512];
+                if salt == 0 {
+                    prop_assert!(bytes.iter().all(|&b| b == 0), "sector {} was never written", s);
+                } else {
+                    prop_assert_eq!(first_mismatch(bytes, s as u64, salt), None, "sector {} should hold write {}", s, salt);
+                }
+            }
+        }
+    }
+}

@@ -103,6 +103,34 @@ fn many_requests_in_flight_and_queue_full_hands_back() {
     assert_eq!(seen, 32);
 }
 
+/// Sleeping in `wait` instead of spinning: it sends the requests (no kick needed) and
+/// returns once completions are there to poll.
+#[test]
+fn wait_submits_and_sleeps_until_completions_arrive() {
+    let img = image(4 << 20);
+    let dev = FileDevice::open(img.path(), &FileOptions::default()).unwrap();
+    let mut q = dev.open_queue(16).unwrap();
+    assert_eq!(write_pattern(&mut *q, 0, 1024, 13), Ok(()));
+    let bufs: Vec<Buffer> = (0..16).map(|_| Buffer::new(4096)).collect();
+    for (i, b) in bufs.iter().enumerate() {
+        q.submit(IoRequest::read(i as u64 * 64, b.sg(), i as u64)).unwrap();
+    }
+    let mut out = [udm_drivers::Completion::EMPTY; 16];
+    let mut got = 0;
+    while got < 16 {
+        q.wait(std::time::Duration::from_secs(5));
+        let n = q.poll(&mut out);
+        assert!(out[..n].iter().all(|c| c.result.is_ok()));
+        got += n;
+    }
+    assert_eq!(q.in_flight(), 0);
+    for (i, b) in bufs.iter().enumerate() {
+        assert_eq!(first_mismatch(b.bytes(), i as u64 * 64, 13), None);
+    }
+    // Nothing in flight: returns at once instead of sleeping for the timeout.
+    q.wait(std::time::Duration::from_secs(3600));
+}
+
 #[test]
 fn a_queue_opened_on_one_thread_works_on_another() {
     let img = image(1 << 20);

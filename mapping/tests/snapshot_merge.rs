@@ -99,3 +99,39 @@ fn origin_io_continues_during_a_merge_and_other_snapshots_keep_their_view() {
     reg.resume("base").unwrap();
     assert!(SyncIo::on(&reg, "base").read_all(32768).unwrap() == expected);
 }
+
+/// LVM's own sequence (`lvconvert --merge` with the origin active, then `lvremove`'s
+/// reload of the snapshot): tables over a live snapshot's COW take its state over at
+/// resume instead of re-reading the COW (the kernel's handover).
+#[test]
+fn tables_loaded_over_a_live_snapshot_take_it_over() {
+    let orig = unxz("patterns/orig.img.xz");
+    let new1 = unxz("patterns/new1.img.xz");
+    let reg = Registry::new();
+    reg.register_backend("odisk", mem_with(&orig)).unwrap();
+    reg.register_backend("cdisk", mem_with(&vec![0u8; 8 << 20])).unwrap();
+    reg.create("base-real", None, Some("0 32768 linear odisk 0")).unwrap();
+    reg.create("s1-cow", None, Some("0 16384 linear cdisk 0")).unwrap();
+    reg.create("s1", None, Some("0 32768 snapshot base-real s1-cow P 8")).unwrap();
+    reg.create("base", None, Some("0 32768 snapshot-origin base-real")).unwrap();
+    SyncIo::on(&reg, "base").write(0, &new1[..1 << 20]).unwrap();
+
+    // A plain reload of the snapshot keeps it working and copying.
+    reg.load("s1", "0 32768 snapshot base-real s1-cow P 8").unwrap();
+    reg.suspend("s1", Default::default()).unwrap();
+    reg.resume("s1").unwrap();
+    SyncIo::on(&reg, "base").write(4096, &new1[4096 * 512..(4096 + 2048) * 512]).unwrap();
+    assert!(SyncIo::on(&reg, "s1").read_all(32768).unwrap() == orig);
+    assert_eq!(status(&reg, "s1"), "4128/16384 32");
+
+    // lvconvert --merge: load the merge over the live snapshot, error out the snapshot.
+    reg.load("base", "0 32768 snapshot-merge base-real s1-cow P 8").unwrap();
+    reg.load("s1", "0 32768 error").unwrap();
+    reg.suspend("s1", Default::default()).unwrap();
+    reg.suspend("base", Default::default()).unwrap();
+    reg.resume("s1").unwrap();
+    reg.resume("base").unwrap();
+    let seen = wait_merged(&reg, "base");
+    assert_eq!(seen.last().unwrap(), "16/16384 16");
+    assert!(SyncIo::on(&reg, "base").read_all(32768).unwrap() == orig, "the origin is back to the snapshot");
+}

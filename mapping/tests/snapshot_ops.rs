@@ -112,3 +112,44 @@ fn bad_requests_are_refused_and_change_nothing() {
     assert!(snapshot_ops::merge(&reg, "vol").is_err());
     assert!(snapshot_ops::list(&reg).is_empty());
 }
+
+/// Captured log lines.
+#[derive(Clone, Default)]
+struct Log(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Log {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn filling_cow_stores_warn_at_80_and_95_percent_once_each() {
+    let log = Log::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
+    tracing::subscriber::with_default(subscriber, || {
+        let reg = Registry::new();
+        reg.register_backend("disk", mem_with(&pattern(1, 1 << 20))).unwrap();
+        reg.create("vol", None, Some("0 2048 linear disk 0")).unwrap();
+        // 128 KiB of COW = 32 chunks: 80 % is reached at the 24th chunk, 95 % at the 29th.
+        snapshot_ops::create(&reg, "vol", "snap", &opts("128k", 8)).unwrap();
+        let mut io = SyncIo::on(&reg, "vol");
+        for chunk in 0..22u64 {
+            io.write(chunk * 8, &pattern(chunk as u8, 4096)).unwrap();
+        }
+        assert!(!String::from_utf8_lossy(&log.0.lock().unwrap()).contains("full"));
+        for chunk in 22..29u64 {
+            io.write(chunk * 8, &pattern(chunk as u8, 4096)).unwrap();
+        }
+    });
+    let text = String::from_utf8_lossy(&log.0.lock().unwrap()).to_string();
+    let warnings: Vec<&str> = text.lines().filter(|l| l.contains("WARN") && l.contains("% full")).collect();
+    assert_eq!(warnings.len(), 2, "{text}");
+    assert!(warnings[0].contains("snapshot snap is 8") && warnings[0].contains("extend"), "{}", warnings[0]);
+    assert!(warnings[1].contains("snapshot snap is 9"), "{}", warnings[1]);
+}

@@ -118,6 +118,11 @@ fn file_backend_with_verify() {
     let out = udm(&["bench", "--device", &spec, "--rw", "randrw", "--qd", "16", "--time", "300ms", "--verify"]);
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("all correct"));
+    // Sleeping instead of spinning gives the same, correct, result.
+    let out =
+        udm(&["bench", "--device", &spec, "--rw", "randrw", "--qd", "16", "--time", "300ms", "--verify", "--wait"]);
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("all correct"));
     let ro = format!("{spec},ro");
     let out = udm(&["bench", "--device", &ro, "--rw", "randwrite", "--time", "100ms"]);
     assert_eq!(out.status.code(), Some(1));

@@ -43,6 +43,45 @@ fn verify_passes_through_a_two_level_stack() {
 }
 
 #[test]
+fn verify_passes_through_a_snapshot_stack_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = dir.path().join("origin.stack");
+    std::fs::write(
+        &stack,
+        "# LVM's order: -real, -cow, the snapshot, then the origin (measured: last)\n\
+         vol-real: 0 16384 linear disk 0\n\
+         snap-cow: 0 20480 linear cow 0\n\
+         snap: 0 16384 snapshot vol-real snap-cow P 8\n\
+         vol: 0 16384 snapshot-origin vol-real\n",
+    )
+    .unwrap();
+    let arg = format!("dm:{}", stack.display());
+    let out = udm(&[
+        "bench",
+        "--device",
+        "disk=mem:8M",
+        "--device",
+        "cow=mem:10M",
+        "--device",
+        &arg,
+        "--rw",
+        "randrw",
+        "--qd",
+        "8",
+        "--time",
+        "300ms",
+        "--verify",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The last device of the file is the one measured: ending it with an `error` device
+    // makes every I/O fail.
+    std::fs::write(&stack, "vol-real: 0 16384 linear disk 0\nbroken: 0 16384 error\n").unwrap();
+    let out = udm(&["bench", "--device", "disk=mem:8M", "--device", &arg, "--rw", "randread", "--time", "200ms"]);
+    assert!(!out.status.success(), "I/O to an error target must fail the bench");
+}
+
+#[test]
 fn bad_stacks_are_refused_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();
     let t = dir.path().join("t.table");

@@ -7,6 +7,7 @@
 //! | 00:04.0 `udmA` | 32 MiB / 512 B, 32 MiB / 4 KiB | QEMU default (7) | default (64) | identify, integrity, out of range, reset |
 //! | 00:05.0 `udmB` | 16 MiB / 4 KiB | 1 (8 KiB) | 2 | MDTS splitting, queue exhaustion, MMIO doorbells |
 //! | 00:06.0 `udmC` | null-co, 3 s latency | default | default | timeout, abort, reset |
+//! | 00:07.0 `udmD` | 8 MiB / 512 B under blkdebug (I/O fails with EIO) | default | default | media error status |
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -60,12 +61,16 @@ fn nvme_driver_against_qemu_controllers() {
     let a1 = image(32 * MIB);
     let a2 = image(32 * MIB);
     let b1 = image(16 * MIB);
+    let d1 = image(8 * MIB);
+    let rules = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(rules.path(), "[inject-error]\nevent = \"read_aio\"\nerrno = \"5\"\n").unwrap();
     let selftest = env!("CARGO_BIN_EXE_udm-nvme-selftest");
     let script = [
         "set +e",
         &shell::bind_vfio("0000:00:04.0"),
         &shell::bind_vfio("0000:00:05.0"),
         &shell::bind_vfio("0000:00:06.0"),
+        &shell::bind_vfio("0000:00:07.0"),
         "run() { name=$1; shift; echo \"CHECK-BEGIN $name\"; \"$@\" 2>&1; echo \"CHECK-END $name status=$?\"; }",
         "run identify-a udm-nvme-selftest identify 0000:00:04.0",
         "run identify-b udm-nvme-selftest identify 0000:00:05.0",
@@ -77,6 +82,7 @@ fn nvme_driver_against_qemu_controllers() {
         "run range-a2 udm-nvme-selftest out-of-range nvme:0000:00:04.0/2",
         "run reset-a2 udm-nvme-selftest reset nvme:0000:00:04.0/2",
         "run timeout-c udm-nvme-selftest timeout nvme:0000:00:06.0/1,timeout-ms=500",
+        "run media-d udm-nvme-selftest media-error nvme:0000:00:07.0/1",
         "run shared-ab udm-nvme-selftest shared nvme:0000:00:04.0/2 nvme:0000:00:05.0/1",
     ]
     .join("\n");
@@ -102,6 +108,10 @@ fn nvme_driver_against_qemu_controllers() {
             NvmeController::new("udmC", 6)
                 .namespace(NvmeNamespace::new(Backing::Null { size: 64 * MIB, latency_ns: 3_000_000_000 }, 4096)),
         )
+        .nvme(NvmeController::new("udmD", 7).namespace(NvmeNamespace::new(
+            Backing::Blkdebug { rules: rules.path().to_path_buf(), image: d1.path().to_path_buf() },
+            512,
+        )))
         .binary(selftest)
         .script(&script)
         .timeout(Duration::from_secs(900))
@@ -180,6 +190,11 @@ fn nvme_driver_against_qemu_controllers() {
 
     // A command slower than the timeout is aborted, the controller reset, the command failed.
     assert!(show("timeout-c").lines.iter().any(|l| l == "timeout ok"));
+
+    // A read the storage fails reports the NVMe media status.
+    let media = show("media-d");
+    assert!(media.lines.iter().any(|l| l.contains("read: NVMe command failed: Unrecovered Read Error")));
+    assert!(media.lines.iter().any(|l| l.contains("write: NVMe command failed: Write Fault")));
 
     // Two controllers share one VFIO container; the IOVAs come from the IOMMU's ranges
     // (QEMU's intel-iommu: 39 bits, a hole for the interrupt window).

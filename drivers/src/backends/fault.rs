@@ -168,17 +168,17 @@ impl FaultControl {
         self.writes.load(Ordering::SeqCst)
     }
 
-    /// Requests failed on purpose.
+    /// Requests failed on purpose since the device was created.
     pub fn failed_ios(&self) -> u64 {
         self.failed.load(Ordering::SeqCst)
     }
 
-    /// Writes acknowledged but dropped after the power loss.
+    /// Writes acknowledged but dropped after a power loss, since the device was created.
     pub fn dropped_writes(&self) -> u64 {
         self.dropped.load(Ordering::SeqCst)
     }
 
-    /// Reads corrupted on purpose.
+    /// Reads corrupted on purpose since the device was created.
     pub fn corrupted_reads(&self) -> u64 {
         self.corrupted.load(Ordering::SeqCst)
     }
@@ -464,6 +464,14 @@ impl IoQueue for FaultQueue {
             n += 1;
         }
         n
+    }
+
+    fn wait(&mut self, timeout: std::time::Duration) {
+        if self.local.is_empty() && self.deferred.is_empty() {
+            self.inner.wait(timeout);
+        } else {
+            self.inner.kick();
+        }
     }
 
     fn in_flight(&self) -> usize {

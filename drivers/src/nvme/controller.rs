@@ -144,7 +144,11 @@ impl Controller {
             let fit = (PAGE / (2 * ctrl.caps.doorbell_stride)) as u16 - 1;
             ctrl.io_queue_pairs = pairs.min(fit);
             if ctrl.shadow {
-                ctrl.configure_shadow(&mut admin)?;
+                if let Err(e) = ctrl.configure_shadow(&mut admin) {
+                    // Doorbell registers work everywhere; shadow doorbells only save MMIO.
+                    tracing::warn!(bdf = %bdf, error = %e, "shadow doorbells refused: using MMIO doorbells");
+                    ctrl.shadow = false;
+                }
             }
             ctrl.namespaces = ctrl.scan_namespaces(&mut admin)?;
         }
@@ -296,7 +300,8 @@ impl Controller {
     /// Runs one admin command to completion (polling), returning its DW0.
     fn run_admin(&self, admin: &mut AdminQueue, mut cmd: Command) -> Result<Result<u32, AdminStatus>, DeviceError> {
         let cid = admin.next_cid;
-        admin.next_cid = admin.next_cid.wrapping_add(1);
+        // CID FFFFh is reserved (it means "no command" in the error log).
+        admin.next_cid = if admin.next_cid >= 0xfffe { 0 } else { admin.next_cid + 1 };
         cmd.set_cid(cid);
         admin.ring.push(&cmd);
         admin.ring.ring_sq();

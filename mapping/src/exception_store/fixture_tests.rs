@@ -328,3 +328,51 @@ fn merging_multiarea_leaves_the_kernels_merged_cow_and_origin() {
     assert!(read_all(cow.as_ref()) == unxz("c8-merged/cow.img.xz"), "merged COW differs from the kernel's");
     assert!(read_all(origin.as_ref()) == unxz("c8-merged/origin.img.xz"), "merged origin differs from the kernel's");
 }
+
+mod robustness {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Corrupt metadata anywhere in the header or the first areas never panics: the
+        /// store either loads (and then every entry is in range and unique) or is refused
+        /// with an error, and the COW is never written either way.
+        #[test]
+        fn corrupted_stores_load_cleanly_or_are_refused(
+            edits in prop::collection::vec((0usize..3 * 4096, any::<u8>()), 1..24),
+            table_chunk in prop::sample::select(vec![0u64, 8, 16, 128]),
+        ) {
+            static BASE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+            let base = BASE.get_or_init(|| unxz("c8-basic/cow.img.xz"));
+            let mut image = base[..1 << 20].to_vec();
+            for (at, byte) in edits {
+                image[at] = byte;
+            }
+            let dev = mem_device(&image);
+            let mut q = dev.open_queue(4).unwrap();
+            let magic_zero = image[..4] == [0, 0, 0, 0];
+            match PersistentStore::activate(q.as_mut(), &dev.info(), table_chunk, ORIGIN_SECTORS) {
+                Ok((store, act)) => {
+                    prop_assert_eq!(act.initialised, magic_zero);
+                    let cow_chunks = (1u64 << 20) / 512 / store.chunk_sectors();
+                    let mut seen = std::collections::HashSet::new();
+                    for e in store.exceptions() {
+                        prop_assert!(e.new_chunk >= 2 && e.new_chunk < cow_chunks);
+                        prop_assert!(e.old_chunk < ORIGIN_SECTORS.div_ceil(store.chunk_sectors()));
+                        prop_assert!(seen.insert(e.old_chunk));
+                    }
+                    if !magic_zero {
+                        prop_assert!(read_all(dev.as_ref()) == image, "loading an existing store wrote to it");
+                    }
+                }
+                Err(e) => {
+                    prop_assert!(!e.to_string().is_empty());
+                    prop_assert!(read_all(dev.as_ref()) == image, "a refused store was written");
+                }
+            }
+            let _ = dump_image(&image);
+        }
+    }
+}

@@ -103,6 +103,13 @@ fn run(snap: &Arc<SnapshotShared>, entry: &Arc<OriginEntry>, stop: &AtomicBool) 
     let _ = cow_dev.register_memory(buf.region());
     let mut engine = Engine::new(16);
     let result = (|| {
+        // After a handover, writes the old snapshot accepted may still be committing.
+        while !snap.quiescent() {
+            if stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
         while !stop.load(Ordering::Acquire) {
             let Some(batch) = snap.prepare_merge()? else {
                 tracing::info!("merge of {} finished", snap.name);

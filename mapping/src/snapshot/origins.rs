@@ -72,8 +72,23 @@ impl Origins {
         map.values().flat_map(|e| e.snapshots().iter().cloned().collect::<Vec<_>>()).find(|s| s.cow.id() == cow)
     }
 
+    /// A table starts using `snap`: the first one puts it on its origin's list.
+    pub fn attach(&self, snap: &Arc<SnapshotShared>) {
+        if snap.acquire() == 1 {
+            self.register(snap);
+        }
+    }
+
+    /// A table stops using `snap`: the last one takes it off the list.
+    pub fn detach(&self, snap: &Arc<SnapshotShared>) {
+        if snap.release() == 0 {
+            snap.clear_flags(crate::snapshot::shared::ACTIVE);
+            self.unregister(snap);
+        }
+    }
+
     /// Adds `snap` to its origin's list.
-    pub fn register(&self, snap: &Arc<SnapshotShared>) {
+    fn register(&self, snap: &Arc<SnapshotShared>) {
         let entry = self.entry(snap.origin.id());
         let mut list = (*entry.snapshots()).clone();
         list.push(Arc::clone(snap));
@@ -82,7 +97,7 @@ impl Origins {
     }
 
     /// Removes `snap` from its origin's list.
-    pub fn unregister(&self, snap: &Arc<SnapshotShared>) {
+    fn unregister(&self, snap: &Arc<SnapshotShared>) {
         let entry = self.entry(snap.origin.id());
         let mut list = (*entry.snapshots()).clone();
         list.retain(|s| !Arc::ptr_eq(s, snap));

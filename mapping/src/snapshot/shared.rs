@@ -8,7 +8,7 @@
 //! durable, and the state flips to [`PendingState::Committed`] for every waiter.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use udm_drivers::{IoError, IoRequest};
@@ -150,6 +150,9 @@ pub struct SnapshotShared {
     merge_range: (AtomicU64, AtomicU64),
     warned: AtomicU8,
     events: EventCounter,
+    /// Tables using this state: 2 while a new table that took it over (the kernel's
+    /// handover) is staged beside the old one.
+    owners: AtomicUsize,
 }
 
 /// The parameters of a new [`SnapshotShared`].
@@ -203,7 +206,30 @@ impl SnapshotShared {
             merge_range: (AtomicU64::new(0), AtomicU64::new(0)),
             warned: AtomicU8::new(0),
             events: p.events,
+            owners: AtomicUsize::new(0),
         }
+    }
+
+    /// One more table uses this state; returns how many do now.
+    pub fn acquire(&self) -> usize {
+        self.owners.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// One table less; returns how many remain.
+    pub fn release(&self) -> usize {
+        self.owners.fetch_sub(1, Ordering::AcqRel) - 1
+    }
+
+    /// Tables using this state.
+    pub fn owners(&self) -> usize {
+        self.owners.load(Ordering::Acquire)
+    }
+
+    /// Whether no exception is being made and no metadata is being written (a merge
+    /// starts only then).
+    pub fn quiescent(&self) -> bool {
+        let core = lock(&self.core);
+        core.pending.is_empty() && !core.store.io_pending()
     }
 
     /// The flags word ([`INVALID`], [`OVERFLOW`], ...).

@@ -88,13 +88,23 @@ pub(crate) fn construct_snapshot(
         return Err(TargetError::Invalid("the COW device must not be the origin device".into()));
     }
     let origins = ctx.extension::<Origins>();
-    if let Some(other) = origins.by_cow(cow.id()) {
-        return Err(TargetError::Invalid(format!(
-            "COW device `{}` is already in use by snapshot `{}`: replace or remove that table first (udm does not \
-             implement the kernel's snapshot handover)",
-            cow.name(),
-            other.name
-        )));
+    if let Some(old) = origins.by_cow(cow.id()) {
+        // The kernel's handover (spec §5.6): a new table over the COW of a live snapshot
+        // does not read the COW; it takes the live snapshot's state over when resumed.
+        if old.origin.id() != origin.id() {
+            return Err(TargetError::Invalid(format!(
+                "COW device `{}` is in use by snapshot `{}` of another origin",
+                cow.name(),
+                old.name
+            )));
+        }
+        if old.owners() >= 2 {
+            return Err(TargetError::Invalid(format!(
+                "a table taking over snapshot `{}` is already staged: only one handover at a time",
+                old.name
+            )));
+        }
+        return Ok(Parsed { origin, cow, persistence, shared: old });
     }
     let block_sectors = u64::from(origin.info().logical_block_size.max(cow.info().logical_block_size) / 512).max(1);
     let bad_store = |e: crate::exception_store::StoreError| TargetError::Invalid(format!("COW `{}`: {e}", cow.name()));
@@ -145,7 +155,7 @@ impl TargetType for SnapshotType {
     fn construct(&self, ctx: &mut ConstructCtx<'_>, args: &[String]) -> Result<Arc<dyn Target>, TargetError> {
         let p = construct_snapshot(ctx, args, "snapshot")?;
         let origins = ctx.extension::<Origins>();
-        origins.register(&p.shared);
+        origins.attach(&p.shared);
         Ok(Arc::new(Snapshot { origin: p.origin, cow: p.cow, persistence: p.persistence, shared: p.shared, origins }))
     }
 }
@@ -205,8 +215,7 @@ impl Target for Snapshot {
     }
 
     fn destroy(&self) {
-        self.shared.clear_flags(ACTIVE);
-        self.origins.unregister(&self.shared);
+        self.origins.detach(&self.shared);
     }
 }
 
@@ -348,6 +357,9 @@ impl TargetQueue for SnapshotQueue {
     }
 
     fn poll(&mut self, ctx: &mut TargetContext<'_>) {
+        if self.held.is_empty() && self.retry.is_empty() && self.engine.is_idle() {
+            return;
+        }
         self.engine.poll();
         for (dev, req, t) in std::mem::take(&mut self.retry) {
             if let Err(full) = ctx.submit(dev, req, t) {

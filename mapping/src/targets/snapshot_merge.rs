@@ -50,8 +50,7 @@ impl TargetType for SnapshotMergeType {
                 other.name
             )));
         }
-        p.shared.set_flags(MERGING);
-        origins.register(&p.shared);
+        origins.attach(&p.shared);
         Ok(Arc::new(SnapshotMerge {
             origin: p.origin,
             cow: p.cow,
@@ -118,7 +117,9 @@ impl Target for SnapshotMerge {
     }
 
     fn resume(&self) {
-        self.shared.set_flags(ACTIVE);
+        // From here the snapshot's own device (if its table is still live) fails I/O,
+        // and origin writes stop copying out to it.
+        self.shared.set_flags(ACTIVE | MERGING);
         let mut w = self.worker.lock().unwrap_or_else(|e| e.into_inner());
         let idle = w.as_ref().is_none_or(MergeWorker::finished);
         if idle && self.shared.flags() & (INVALID | MERGE_FAILED) == 0 {
@@ -128,8 +129,8 @@ impl Target for SnapshotMerge {
 
     fn destroy(&self) {
         self.stop_worker();
-        self.shared.clear_flags(ACTIVE);
-        self.origins.unregister(&self.shared);
+        self.shared.clear_flags(MERGING);
+        self.origins.detach(&self.shared);
     }
 }
 

@@ -12,6 +12,17 @@
 //! name; `<name>=dm:<table-file>` creates an intermediate mapped device, so stacks of
 //! any depth can be built. Named devices are created in the order given, so a table
 //! may only name devices given before it (the measured one is created last).
+//!
+//! The measured `dm:` file may instead be a *stack file*: every line prefixed by a device
+//! name, devices created (load + resume) in the order they first appear and the last one
+//! measured, which describes an LVM-style snapshot stack in one file:
+//!
+//! ```text
+//! vol-real: 0 2097152 linear disk 0
+//! snap-cow: 0 1048576 linear cow 0
+//! snap:     0 2097152 snapshot vol-real snap-cow P 8
+//! vol:      0 2097152 snapshot-origin vol-real
+//! ```
 
 use std::sync::Arc;
 
@@ -63,15 +74,53 @@ fn open_stack(stack: &str, specs: &[String]) -> Result<Arc<dyn BlockDevice>, Ben
         }
     }
     let file = &stack["dm:".len()..];
-    create_mapped(&reg, MEASURED, file, stack)?;
+    let text = read_table(file, stack)?;
+    let measured = match parse_stack_file(&text) {
+        Some(devices) => {
+            for (name, table) in &devices {
+                reg.create(name, None, Some(table)).map_err(|e| stack_error(stack, e))?;
+            }
+            devices.last().map(|(name, _)| name.clone()).unwrap_or_else(|| MEASURED.to_string())
+        }
+        None => {
+            reg.create(MEASURED, None, Some(&text)).map_err(|e| stack_error(stack, e))?;
+            MEASURED.to_string()
+        }
+    };
     // The device keeps its table, and the table the devices below, alive; the registry
     // (names only) is not needed for I/O.
-    reg.device(MEASURED).map_err(|e| stack_error(stack, e))
+    reg.device(&measured).map_err(|e| stack_error(stack, e))
+}
+
+/// Reads a stack file's `<name>: <table line>` lines, grouped per device in order of
+/// first appearance; `None` when the text is a plain table (its lines start with a
+/// sector number).
+fn parse_stack_file(text: &str) -> Option<Vec<(String, String)>> {
+    let mut devices: Vec<(String, String)> = Vec::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let (name, table) = line.split_once(':')?;
+        let name = name.trim();
+        if name.is_empty() || name.contains(char::is_whitespace) || name.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        match devices.iter_mut().find(|(d, _)| d == name) {
+            Some((_, t)) => {
+                t.push('\n');
+                t.push_str(table.trim());
+            }
+            None => devices.push((name.to_string(), table.trim().to_string())),
+        }
+    }
+    (!devices.is_empty()).then_some(devices)
+}
+
+fn read_table(file: &str, spec: &str) -> Result<String, BenchError> {
+    std::fs::read_to_string(file)
+        .map_err(|e| BenchError::Usage(format!("--device {spec}: cannot read table file `{file}`: {e}")))
 }
 
 fn create_mapped(reg: &Registry, name: &str, file: &str, spec: &str) -> Result<(), BenchError> {
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| BenchError::Usage(format!("--device {spec}: cannot read table file `{file}`: {e}")))?;
+    let text = read_table(file, spec)?;
     reg.create(name, None, Some(&text)).map_err(|e| stack_error(spec, e))
 }
 

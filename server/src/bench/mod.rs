@@ -91,7 +91,8 @@ request failed; 3 --verify found wrong data.";
 pub struct BenchArgs {
     /// Device to measure: null:<size>, mem:<size>, file:<path>[,ro][,direct=off][,bs=<n>],
     /// fault:<faults>@<spec>, or dm:<table-file> (a device-mapper table naming the other
-    /// devices, given as name=<spec> or name=dm:<table-file>). Sizes take K/M/G/T suffixes.
+    /// devices, given as name=<spec> or name=dm:<table-file>; or a stack file of
+    /// `<name>: <table line>` lines, the last device measured). Sizes take K/M/G/T suffixes.
     #[arg(long = "device", short = 'd', value_name = "SPEC", required = true)]
     pub devices: Vec<String>,
 
@@ -126,6 +127,11 @@ pub struct BenchArgs {
     /// Print the results as one JSON object instead of the human summary.
     #[arg(long)]
     pub json: bool,
+
+    /// Sleep in the device's wait (io_uring_enter, like fio) whenever every request is
+    /// in flight, instead of busy-polling a whole core (the default, like SPDK).
+    #[arg(long)]
+    pub wait: bool,
 
     /// Seed of the random offsets and read/write mix (runs with one seed issue the same
     /// sequence per thread).
@@ -260,6 +266,7 @@ pub fn run(args: &BenchArgs) -> Result<Report, BenchError> {
                 qd,
                 blocks: start..start + per_thread,
                 verify: args.verify,
+                wait: args.wait,
                 seed: args.seed.wrapping_add(t as u64 * 0x1_0000_0001),
                 duration_ticks: clock.ticks(args.time),
             };

@@ -27,6 +27,8 @@ pub struct Job {
     /// Blocks (of `bs_sectors`) this thread may address.
     pub blocks: Range<u64>,
     pub verify: bool,
+    /// Sleep in `IoQueue::wait` instead of spinning when nothing can be issued.
+    pub wait: bool,
     pub seed: u64,
     pub duration_ticks: u64,
 }
@@ -262,12 +264,23 @@ impl Worker {
                         self.started[slot] = now;
                     }
                     Err(QueueFull(_)) => {
-                        self.unprepare(slot, op, block);
+                        self.unprepare(op, block);
                         break;
                     }
                 }
             }
-            self.queue.kick();
+            if self.job.wait && (self.free.is_empty() || !issuing) {
+                // Nothing to do until a request completes: submit and sleep in one go.
+                let left = match phase {
+                    Phase::Timed { deadline } if issuing => deadline.saturating_sub(now),
+                    _ => u64::MAX,
+                };
+                // Wake at the deadline at the latest, and at least every 10 ms.
+                let nanos = (clock.nanos(left) as u64).clamp(1_000, 10_000_000);
+                self.queue.wait(std::time::Duration::from_nanos(nanos));
+            } else {
+                self.queue.kick();
+            }
             let n = self.queue.poll(&mut self.completions);
             if n > 0 {
                 let end = clock.now();
@@ -305,7 +318,7 @@ impl Worker {
     }
 
     /// Takes back what `prepare` and `next_io` marked for a request the queue refused.
-    fn unprepare(&mut self, _slot: usize, op: IoOp, block: u64) {
+    fn unprepare(&mut self, op: IoOp, block: u64) {
         self.issued_in_phase -= 1;
         if let Some(v) = &mut self.verifier {
             v.busy[block as usize] = false;

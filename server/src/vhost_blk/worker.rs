@@ -33,6 +33,9 @@ use super::request::{
 };
 use super::stats::{new_histogram, Kind, QueueStats};
 
+/// Least time between two merges of a worker's latency histogram into the shared one.
+const MERGE_INTERVAL: Duration = Duration::from_millis(100);
+
 /// How a worker waits when its queue is empty.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -172,6 +175,7 @@ pub fn spawn(
         stats,
         latency: new_histogram(),
         unmerged: 0,
+        last_merge: Instant::now(),
         log: LogLimit::new(Duration::from_secs(1)),
         stop: Arc::clone(&stop),
         wake: Arc::clone(&wake),
@@ -233,6 +237,7 @@ struct Worker {
     stats: Arc<QueueStats>,
     latency: Histogram<u64>,
     unmerged: u32,
+    last_merge: Instant,
     log: LogLimit,
     stop: Arc<AtomicBool>,
     wake: Arc<EventFd>,
@@ -293,7 +298,7 @@ impl Worker {
             if stopping {
                 break;
             }
-            self.publish_latency();
+            self.publish_latency(false);
             self.retired.clear();
             match (&epoll, self.shared.mode) {
                 (Some(ep), PollMode::Event) => {
@@ -313,7 +318,7 @@ impl Worker {
                 _ => std::hint::spin_loop(),
             }
         }
-        self.publish_latency();
+        self.publish_latency(true);
         QueueEnd { next_avail: self.queue.next_avail(), kick: self.kick, inflight: self.inflight }
     }
 
@@ -464,8 +469,8 @@ impl Worker {
                 }
                 self.finish(slot_idx, status);
             }
-            if self.unmerged >= 4096 {
-                self.publish_latency();
+            if self.unmerged >= 65536 {
+                self.publish_latency(false);
             }
         }
     }
@@ -527,10 +532,20 @@ impl Worker {
         }
     }
 
-    fn publish_latency(&mut self) {
-        if self.unmerged > 0 && self.stats.try_merge(&self.latency) {
+    /// Merges the local latency histogram into the shared one at most every 100 ms
+    /// (merging walks every bucket, so doing it per batch would cost more than the I/O).
+    fn publish_latency(&mut self, force: bool) {
+        if self.unmerged == 0 {
+            return;
+        }
+        let now = Instant::now();
+        if !force && now.duration_since(self.last_merge) < MERGE_INTERVAL {
+            return;
+        }
+        if self.stats.try_merge(&self.latency) {
             self.latency.reset();
             self.unmerged = 0;
+            self.last_merge = now;
         }
     }
 

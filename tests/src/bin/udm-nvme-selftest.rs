@@ -11,6 +11,7 @@
 //!   and the data reads back.
 //! * `timeout SPEC`: a command on a device slower than the timeout fails with TimedOut.
 //! * `queues BDF`: opening more queues than the controller granted fails clearly.
+//! * `media-error SPEC`: a read the storage fails comes back as Unrecovered Read Error.
 //! * `shared SPEC...`: several controllers in one VFIO container, I/O on each.
 
 use std::process::ExitCode;
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use udm_drivers::backend_spec::BackendSpec;
 use udm_drivers::dma::{DmaMemory, PagePolicy};
+use udm_drivers::nvme::cmd::{feature, Command};
 use udm_drivers::nvme::{self, ControllerOptions, NvmeNamespace};
 use udm_drivers::{BlockDevice, Completion, IoError, IoOp, IoQueue, IoRequest, IoSegment, SgList, SECTOR_SIZE};
 
@@ -55,6 +57,8 @@ enum Check {
     Timeout { spec: String },
     /// Opens queues until the controller has none left.
     Queues { bdf: String },
+    /// Reads from a namespace whose storage fails them (QEMU blkdebug).
+    MediaError { spec: String },
     /// Two controllers in one process share one VFIO container; I/O on both.
     Shared { specs: Vec<String> },
 }
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
         Check::Timeout { spec } => timeout(&spec),
         Check::Queues { bdf } => queues(&bdf),
         Check::Shared { specs } => shared(&specs),
+        Check::MediaError { spec } => media_error(&spec),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -637,5 +642,31 @@ fn shared(specs: &[String]) -> Result<(), Failure> {
     let ranges: Vec<String> = info.iova_ranges.iter().map(|(s, e)| format!("{s:#x}-{e:#x}")).collect();
     println!("iova_ranges={}", ranges.join(","));
     println!("shared ok controllers={}", devs.len());
+    Ok(())
+}
+
+fn media_error(spec: &str) -> Result<(), Failure> {
+    let dev = open(spec)?;
+    let mut q = dev.open_queue(4).map_err(|e| e.to_string())?;
+    let (bufs, mut slots) = make_slots(&dev, 1)?;
+    let mut rng = Rng(31);
+    let bs = dev.info().logical_block_size as usize;
+    let sg = build_sg(&mut slots[0], 4 * bs, bs, Layout::Contiguous, &mut rng);
+    match run_one(q.as_mut(), IoRequest::read(0, sg, 1)) {
+        Err(e @ IoError::Nvme { sct: 2, sc: 0x81 }) => println!("read: {e}"),
+        other => return Err(format!("a failing read gave {other:?}, not Unrecovered Read Error")),
+    }
+    // Once the rule has fired, blkdebug fails writes too: Write Fault.
+    match run_one(q.as_mut(), IoRequest::write(0, sg, 2)) {
+        Err(e @ IoError::Nvme { sct: 2, sc: 0x80 }) => println!("write: {e}"),
+        other => return Err(format!("a failing write gave {other:?}, not Write Fault")),
+    }
+    // The controller carries on: admin commands still succeed.
+    let admin = dev.controller().admin_command(Command::get_features(feature::NUMBER_OF_QUEUES));
+    if !matches!(admin, Ok(Ok(_))) {
+        return Err(format!("Get Features after the media errors: {admin:?}"));
+    }
+    dev.unregister_memory(bufs.dma.region()).map_err(|e| e.to_string())?;
+    println!("media-error ok");
     Ok(())
 }

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo build --release -p udm-server -p udm-tests --bins
-//! target/release/udm-nvme-vm-bench [--secs 10]
+//! target/release/udm-nvme-vm-bench [--secs 10] [--doorbells]
 //! ```
 //!
 //! Workloads: 4 KiB random read at QD 1 and 32, random write at QD 32 (QEMU's
@@ -51,6 +51,9 @@ fn main() {
     }
     let dev = format!("nvme:{BDF}/1");
     let udm = |rw: &str, qd: u32| format!("udm bench --device {dev} --rw {rw} --bs 4k --qd {qd} --time {secs}s --json");
+    let udm_mmio = |rw: &str, qd: u32| {
+        format!("udm bench --device {dev},shadow=off --rw {rw} --bs 4k --qd {qd} --time {secs}s --json")
+    };
     // qemu-img bench counts requests, not time: sized for roughly `secs` seconds at
     // the rates this setup reaches.
     let qimg = |qd: u32, count: u64, write: bool| {
@@ -72,6 +75,7 @@ fn main() {
         Run { name: "udm", workload: "randread qd1", command: udm("randread", 1) },
         Run { name: "udm", workload: "randread qd32", command: udm("randread", 32) },
         Run { name: "udm", workload: "randwrite qd32", command: udm("randwrite", 32) },
+        Run { name: "udm", workload: "randread qd32, MMIO doorbells", command: udm_mmio("randread", 32) },
         Run { name: "qemu-img", workload: "randread qd1", command: qimg(1, 1500 * secs, false) },
         Run { name: "qemu-img", workload: "randread qd32", command: qimg(32, 4000 * secs, false) },
         Run { name: "qemu-img", workload: "randwrite qd32", command: qimg(32, 4000 * secs, true) },
@@ -79,6 +83,17 @@ fn main() {
         Run { name: "kernel", workload: "randread qd32", command: fio("randread", 32) },
         Run { name: "kernel", workload: "randwrite qd32", command: fio("randwrite", 32) },
     ];
+    // `--doorbells`: shadow against MMIO doorbells only, alternating, three rounds.
+    let doorbells_only = std::env::args().any(|a| a == "--doorbells");
+    let doorbell_runs: Vec<Run> = (0..3)
+        .flat_map(|_| {
+            [
+                Run { name: "udm", workload: "randread qd32, shadow doorbells", command: udm("randread", 32) },
+                Run { name: "udm", workload: "randread qd32, MMIO doorbells", command: udm_mmio("randread", 32) },
+            ]
+        })
+        .collect();
+    let runs: Vec<Run> = if doorbells_only { doorbell_runs } else { runs.into_iter().collect() };
     let mut script = String::from(
         "set +e\ncpu() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }\n\
          measure() { name=$1; shift; echo \"RUN-BEGIN $name\"; t0=$(cpu); s0=$(cut -d' ' -f1 /proc/uptime); \"$@\" 2>&1; rc=$?; \
@@ -88,7 +103,7 @@ fn main() {
     );
     script.push_str(&shell::bind_vfio(BDF));
     for (i, r) in runs.iter().enumerate() {
-        if r.name == "kernel" && runs[i - 1].name != "kernel" {
+        if r.name == "kernel" && i > 0 && runs[i - 1].name != "kernel" {
             // Back to the kernel's nvme driver.
             script.push_str(&format!(
                 "echo {BDF} > /sys/bus/pci/drivers/vfio-pci/unbind\necho > /sys/bus/pci/devices/{BDF}/driver_override\n\

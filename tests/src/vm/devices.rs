@@ -44,8 +44,10 @@ impl Backing {
                 format!("driver=null-co,size={size},latency-ns={latency_ns},read-zeroes=on")
             }
             Backing::Blkdebug { rules, image } => {
+                // raw on top: its reads and writes raise the read_aio/write_aio events
+                // that blkdebug rules react to.
                 format!(
-                    "driver=blkdebug,config={},image.driver=raw,image.file.filename={}",
+                    "driver=raw,file.driver=blkdebug,file.config={},file.image.filename={}",
                     escape(rules),
                     escape(image)
                 )

@@ -11,6 +11,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::time::Duration;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
@@ -333,12 +334,8 @@ impl FileQueue {
 
     /// One `io_uring_enter` for everything pushed (and for pending task work).
     fn enter(&mut self) {
-        if self.disabled {
-            if let Err(e) = self.ring.submitter().register_enable_rings() {
-                tracing::error!("cannot enable the io_uring: {e}");
-                return;
-            }
-            self.disabled = false;
+        if !self.enable() {
+            return;
         }
         match self.ring.submit() {
             Ok(n) => self.unsubmitted = self.unsubmitted.saturating_sub(n),
@@ -347,6 +344,18 @@ impl FileQueue {
             Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY | libc::EINTR)) => {}
             Err(e) => tracing::error!("io_uring_enter failed: {e}; retrying on the next poll"),
         }
+    }
+
+    /// Binds a ring created disabled to the calling thread; false if that failed.
+    fn enable(&mut self) -> bool {
+        if self.disabled {
+            if let Err(e) = self.ring.submitter().register_enable_rings() {
+                tracing::error!("cannot enable the io_uring: {e}");
+                return false;
+            }
+            self.disabled = false;
+        }
+        true
     }
 
     /// Releases slot `idx` and reports its outcome.
@@ -465,6 +474,24 @@ impl IoQueue for FileQueue {
             self.enter();
         }
         n
+    }
+
+    /// One `io_uring_enter` that submits what is pending and sleeps for a completion.
+    fn wait(&mut self, timeout: Duration) {
+        if !self.rejected.is_empty() || self.busy_slots() == 0 || !self.ring.completion().is_empty() {
+            self.kick();
+            return;
+        }
+        if !self.enable() {
+            return;
+        }
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(n) => self.unsubmitted = self.unsubmitted.saturating_sub(n),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {}
+            Err(e) => tracing::error!("io_uring wait failed: {e}"),
+        }
     }
 
     #[inline]

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Same-run comparison of vhost-user-blk servers with one libblkio client
+# (target/release/udm-vhost-bench): `udm serve` (event and busy-poll mode) against
+# qemu-storage-daemon's vhost-user-blk export, over a null device and over a file on
+# tmpfs. Server pinned to one core, client to another. Prints JSON lines, then a table.
+#   cargo build --release -p udm-server --bin udm -p udm-tests --bin udm-vhost-bench
+#   bash scripts/bench-vhost.sh            # SECS=5 SERVER_CPU=1 CLIENT_CPU=0
+set -euo pipefail
+cd "$(dirname "$0")/.."
+T=target/release
+UDM=$T/udm
+BENCH=$T/udm-vhost-bench
+SECS=${SECS:-5}
+SERVER_CPU=${SERVER_CPU:-1}
+CLIENT_CPU=${CLIENT_CPU:-0}
+W=$(mktemp -d)
+IMG=/dev/shm/udm-bench.img
+RESULTS=${RESULTS:-$W/results.jsonl}
+PID=
+stop() { if [ -n "$PID" ]; then kill -TERM "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; PID=; fi; }
+cleanup() { stop; rm -rf "$W" "$IMG"; }
+trap cleanup EXIT
+truncate -s 1G "$IMG"
+dd if=/dev/zero of="$IMG" bs=1M count=1024 conv=notrunc status=none
+
+wait_sock() { for _ in $(seq 100); do [ -S "$1" ] && return 0; sleep 0.1; done; echo "no socket $1" >&2; exit 1; }
+
+start_udm() { # spec poll
+  cat > "$W/udm.toml" <<TOML
+control = "$W/udm.ctl"
+[[backend]]
+name = "b0"
+spec = "$1"
+[[export]]
+name = "b0"
+device = "b0"
+socket = "$W/udm.sock"
+poll = "$2"
+cpus = [$SERVER_CPU]
+queue_size = 256
+TOML
+  rm -f "$W/udm.sock"
+  taskset -c "$SERVER_CPU" "$UDM" serve --config "$W/udm.toml" > "$W/udm.log" 2>&1 &
+  PID=$!
+  wait_sock "$W/udm.sock"
+  SOCK=$W/udm.sock
+}
+
+start_qsd() { # blockdev options
+  rm -f "$W/qsd.sock"
+  taskset -c "$SERVER_CPU" qemu-storage-daemon --blockdev "$1" \
+    --export "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=$W/qsd.sock,writable=on,num-queues=1" \
+    > "$W/qsd.log" 2>&1 &
+  PID=$!
+  wait_sock "$W/qsd.sock"
+  SOCK=$W/qsd.sock
+}
+
+run_set() { # label
+  for job in "randread 1" "randread 1 --poll" "randread 32" "randread 128" "randwrite 32"; do
+    set -- $job
+    taskset -c "$CLIENT_CPU" "$BENCH" --socket "$SOCK" --rw "$1" --qd "$2" ${3:-} --seconds "$SECS" \
+      --server-pid "$PID" --label "$LABEL" | tee -a "$RESULTS"
+  done
+}
+
+for backend in null tmpfs; do
+  if [ $backend = null ]; then
+    UDM_SPEC=null:1G
+    QSD_DEV="driver=null-co,node-name=n0,size=1073741824,read-zeroes=on"
+  else
+    UDM_SPEC="file:$IMG,direct=off"
+    QSD_DEV="driver=file,filename=$IMG,node-name=n0,cache.direct=off,aio=io_uring"
+  fi
+  for poll in event busy; do
+    LABEL="udm-$poll/$backend"; start_udm "$UDM_SPEC" $poll; run_set; stop
+  done
+  LABEL="qsd/$backend"; start_qsd "$QSD_DEV"; run_set; stop
+done
+
+python3 - "$RESULTS" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+print("| server/backend | workload | IOPS | p50 us | p99 us | server CPU s | IOPS per server CPU-s |")
+print("|---|---|---:|---:|---:|---:|---:|")
+for r in rows:
+    w = f"{r['rw'].lower()} QD{r['qd']}" + (" (client polls)" if r['poll'] else "")
+    print(f"| {r['label']} | {w} | {r['iops']:,.0f} | {r['p50_us']} | {r['p99_us']} | {r['server_cpu_s']} | {r['iops_per_server_cpu_s']:,.0f} |")
+PY
