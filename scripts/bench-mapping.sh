@@ -21,25 +21,27 @@ iops() { RUST_LOG=error "$UDM" bench "$@" --rw randread --bs 4k --time "$TIME" -
 
 echo "Run of $(date -u '+%F %H:%M UTC'), load average $(cut -d' ' -f1-3 /proc/loadavg), on $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), commit $(git rev-parse --short HEAD)"
 echo
-echo "| backend | qd | round | raw IOPS | raw CPU | linear IOPS | linear CPU | linear/raw |"
-echo "|---|---|---|---|---|---|---|---|"
+echo "CPU = CPU seconds the bench threads got per second (the machine is shared); per-CPU = IOPS / CPU."
+echo
+echo "| backend | qd | round | raw IOPS | raw CPU | linear IOPS | linear CPU | linear/raw IOPS | linear/raw per-CPU |"
+echo "|---|---|---|---|---|---|---|---|---|"
 for be in null:1G mem:1G; do
   for round in $(seq 1 "$ROUNDS"); do
     read -r ri rc <<<"$(iops --device "$be" --qd 128)"
     read -r li lc <<<"$(iops --device "dm:$T/linear.table" --device "disk0=$be" --qd 128)"
-    python3 -c "print(f'| $be | 128 | $round | {$ri/1e6:.2f}M | {$rc:.2f} | {$li/1e6:.2f}M | {$lc:.2f} | {$li/$ri:.3f} |')"
+    python3 -c "print(f'| $be | 128 | $round | {$ri/1e6:.2f}M | {$rc:.2f} | {$li/1e6:.2f}M | {$lc:.2f} | {$li/$ri:.3f} | {($li/$lc)/($ri/$rc):.3f} |')"
   done
 done
 echo
-echo "| device | threads | qd | round | IOPS | CPU s/s |"
-echo "|---|---|---|---|---|---|"
+echo "| device | threads | qd | round | IOPS | CPU s/s | IOPS per CPU-second |"
+echo "|---|---|---|---|---|---|---|"
 STRIPES=(--device "dm:$T/striped.table" --device s0=mem:256M --device s1=mem:256M --device s2=mem:256M --device s3=mem:256M)
 for round in $(seq 1 "$ROUNDS"); do
   for th in 1 2; do
     read -r i c <<<"$(iops --device mem:1G --qd 32 --threads "$th")"
-    python3 -c "print(f'| mem:1G | $th | 32 | $round | {$i/1e6:.2f}M | {$c:.2f} |')"
+    python3 -c "print(f'| mem:1G | $th | 32 | $round | {$i/1e6:.2f}M | {$c:.2f} | {$i/$c/1e6:.2f}M |')"
     read -r i c <<<"$(iops "${STRIPES[@]}" --qd 32 --threads "$th")"
-    python3 -c "print(f'| striped 4 x mem:256M, 64k chunks | $th | 32 | $round | {$i/1e6:.2f}M | {$c:.2f} |')"
+    python3 -c "print(f'| striped 4 x mem:256M, 64k chunks | $th | 32 | $round | {$i/1e6:.2f}M | {$c:.2f} | {$i/$c/1e6:.2f}M |')"
   done
 done
 if [ "${LOOKUP:-0}" = 1 ]; then

@@ -9,5 +9,5 @@ bash scripts/setup-host.sh
 
 echo "== rustfmt"; cargo fmt --all -- --check
 echo "== clippy"; cargo clippy --workspace --all-targets --release -- -D warnings
-echo "== build"; cargo build --workspace --release --all-targets
+echo "== build"; cargo build --workspace --release --bins
 echo "== tests"; cargo test --workspace --release -- --test-threads=2

@@ -2,7 +2,8 @@
 //! log n (a binary search over segment starts). Two views:
 //! * `lookup`: `Table::lookup` alone, at pseudo-random sectors;
 //! * `read_4k`: a 4 KiB read through a mapped queue over a null device (submit, map,
-//!   child submit, poll), at pseudo-random sectors, one request at a time.
+//!   child submit, poll), at pseudo-random sectors, one request at a time; `read_4k/0`
+//!   is the same loop on the null device itself (the baseline).
 //!
 //! `cargo bench -p udm-mapping --bench lookup`
 
@@ -66,16 +67,17 @@ fn bench_lookup(c: &mut Criterion) {
 
 fn bench_read(c: &mut Criterion) {
     let mut g = c.benchmark_group("read_4k");
-    for n in SIZES {
-        let reg = registry(n);
-        let dev = reg.device("vol").unwrap();
+    // n = 0: the null device itself, the baseline of the same loop.
+    for n in std::iter::once(0).chain(SIZES) {
+        let reg = registry(n.max(1));
+        let dev = if n == 0 { reg.device("null0").unwrap() } else { reg.device("vol").unwrap() };
         let mut q = dev.open_queue(4).unwrap();
         let mut buf = vec![0u8; 4096];
         // SAFETY: `buf` outlives every request; each is reaped inside the iteration.
         let seg = unsafe { IoSegment::new(buf.as_mut_ptr(), buf.len()) };
         // SAFETY: as above.
         let sg = unsafe { SgList::from_segment(&seg) };
-        let points = sectors(n, 4096);
+        let points = sectors(n.max(1), 4096);
         let mut out = [Completion::EMPTY; 4];
         g.throughput(Throughput::Elements(points.len() as u64));
         g.bench_function(BenchmarkId::from_parameter(n), |b| {

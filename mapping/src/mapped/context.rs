@@ -18,8 +18,8 @@ impl TargetContext<'_> {
     /// completion comes back through [`crate::target::TargetQueue::child_done`] with
     /// `token`. The request's memory must stay valid until then. When the device's
     /// queue is full the request is handed back: retry from `poll` (which then must be
-    /// enabled with `needs_poll`). Submissions reach the device when the mapped queue's
-    /// `submit` or `poll` returns.
+    /// enabled with `needs_poll`). Submissions reach the device at the mapped queue's
+    /// next `kick` (the caller's) or at the end of its `poll`, whichever comes first.
     ///
     /// Panics if `dev` is not one of the target's devices (a target bug).
     #[inline]

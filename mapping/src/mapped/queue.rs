@@ -353,10 +353,13 @@ fn next_piece(table: &Table, s: &crate::mapped::io_core::Slot, slot: u32) -> Opt
     if boundary != 0 {
         len = len.min(boundary - offset % boundary);
     }
-    let sg = if req.op.has_data() {
-        req.sg.slice((s.cursor * SECTOR_SIZE) as usize, (len * SECTOR_SIZE) as usize)
-    } else {
+    let sg = if !req.op.has_data() {
         SgList::empty()
+    } else if len == req.sectors {
+        // The whole request in one piece (the common case): no window to compute.
+        req.sg
+    } else {
+        req.sg.slice((s.cursor * SECTOR_SIZE) as usize, (len * SECTOR_SIZE) as usize)
     };
     let io = TargetIo { op: req.op, offset, sectors: len, sg, fua: req.fua, part: PartId(slot), flush_index: 0 };
     Some((segment as u32, io))

@@ -28,7 +28,7 @@ use super::config_space::Limits;
 use super::inflight::InflightQueue;
 use super::log_limit::LogLimit;
 use super::request::{
-    parse_chain, BlkOp, BlkRequest, Desc, GuestMem, Rejection, ID_BYTES, MAX_CHAIN, STATUS_IOERR, STATUS_OK,
+    parse_chain, BlkOp, BlkRequest, Desc, GuestMem, Reason, Rejection, ID_BYTES, MAX_CHAIN, STATUS_IOERR, STATUS_OK,
     STATUS_UNSUPP,
 };
 use super::stats::{new_histogram, Kind, QueueStats};
@@ -352,6 +352,13 @@ impl Worker {
         }
     }
 
+    /// Reloads the memory table and tells whether it differs from `seen`, the table a
+    /// chain was just parsed in.
+    fn memory_moved_on(&mut self, seen: &GuestMem) -> bool {
+        self.reload_memory();
+        !std::ptr::eq(seen, &*self.mem)
+    }
+
     /// Pops every available chain there is room for.
     fn pop_all(&mut self) -> bool {
         self.reload_memory();
@@ -380,6 +387,15 @@ impl Worker {
         slot.req = None;
         let req = match parse_chain(mem, descs, &limits, &mut slot.segs) {
             Ok(r) => r,
+            Err(rej) if matches!(rej.reason, Reason::OutsideMemory { .. }) && self.memory_moved_on(mem) => {
+                // The front end added a region (acknowledged) after this pass loaded the
+                // memory table and before it popped this chain: walk it again in the
+                // current table rather than fail a valid request.
+                let current = Arc::clone(&self.mem);
+                let walk = ChainWalk::new(&current, self.desc_table, self.size, head);
+                self.start(&current, slot_idx, head, walk);
+                return;
+            }
             Err(rej) => {
                 self.stats.reject();
                 self.log_rejection(head, &rej);

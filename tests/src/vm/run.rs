@@ -114,10 +114,14 @@ impl Guest {
         push("stdio");
         push("-kernel");
         push(&self.kernel.image.to_string_lossy());
-        let mut cmdline = vec!["console=ttyS0", "panic=-1", "quiet", "init_on_alloc=0", "rdinit=/init"]
-            .into_iter()
-            .map(String::from)
-            .collect::<Vec<_>>();
+        // no_timer_check: under TCG on a loaded host the kernel's boot-time check of the
+        // IO-APIC timer can miss its window and panic ("timer doesn't work through
+        // Interrupt-remapped IO-APIC"); virtual machines skip it.
+        let mut cmdline =
+            vec!["console=ttyS0", "panic=-1", "quiet", "init_on_alloc=0", "no_timer_check", "rdinit=/init"]
+                .into_iter()
+                .map(String::from)
+                .collect::<Vec<_>>();
         cmdline.extend(self.kernel_args.iter().cloned());
         push("-append");
         push(&cmdline.join(" "));
