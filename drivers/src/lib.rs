@@ -27,6 +27,7 @@ pub mod completion_ring;
 pub mod device;
 pub mod dma;
 pub mod error;
+pub mod fixed_ring;
 pub mod nvme;
 pub mod request;
 pub mod sg;

@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
-use crate::completion_ring::CompletionRing;
+use crate::completion_ring::{completion_ring, CompletionRing};
 use crate::device::{BlockDevice, DeviceInfo, IoQueue, MemoryRegion};
 use crate::error::{DeviceError, IoError};
 use crate::request::{Completion, IoOp, IoRequest, QueueFull, SECTOR_SIZE};
@@ -274,7 +274,7 @@ impl BlockDevice for FaultDevice {
             control: Arc::clone(&self.control),
             slots: vec![Slot::EMPTY; depth].into_boxed_slice(),
             free: (0..depth as u32).rev().collect(),
-            local: CompletionRing::new(depth),
+            local: completion_ring(depth),
             deferred: VecDeque::with_capacity(depth),
             scratch: vec![Completion::EMPTY; depth].into_boxed_slice(),
             granule: (u64::from(info.logical_block_size) / SECTOR_SIZE).max(1),

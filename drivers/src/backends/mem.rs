@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use crate::backends::null::check_geometry;
-use crate::completion_ring::CompletionRing;
+use crate::completion_ring::{completion_ring, CompletionRing};
 use crate::device::{BlockDevice, DeviceInfo, IoQueue};
 use crate::dma::{DmaMemory, PageKind, PagePolicy};
 use crate::error::DeviceError;
@@ -51,7 +51,7 @@ impl BlockDevice for MemDevice {
         Ok(Box::new(MemQueue {
             info: self.info.clone(),
             memory: Arc::clone(&self.memory),
-            done: CompletionRing::new(depth.max(1)),
+            done: completion_ring(depth.max(1)),
         }))
     }
 }

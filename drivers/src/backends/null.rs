@@ -1,7 +1,7 @@
 //! `null`: completes every request at once and reads return zeroes, like Linux null_blk
 //! or SPDK's null bdev. It measures what the I/O contract itself costs.
 
-use crate::completion_ring::CompletionRing;
+use crate::completion_ring::{completion_ring, CompletionRing};
 use crate::device::{BlockDevice, DeviceInfo, IoQueue};
 use crate::error::DeviceError;
 use crate::request::{Completion, IoOp, IoRequest, QueueFull};
@@ -44,7 +44,7 @@ impl BlockDevice for NullDevice {
     }
 
     fn open_queue(&self, depth: usize) -> Result<Box<dyn IoQueue>, DeviceError> {
-        Ok(Box::new(NullQueue { info: self.info.clone(), done: CompletionRing::new(depth.max(1)) }))
+        Ok(Box::new(NullQueue { info: self.info.clone(), done: completion_ring(depth.max(1)) }))
     }
 }
 

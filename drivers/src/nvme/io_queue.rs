@@ -11,7 +11,7 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::completion_ring::CompletionRing;
+use crate::completion_ring::{completion_ring, CompletionRing};
 use crate::device::{DeviceInfo, IoQueue};
 use crate::dma::{DmaMemory, PagePolicy};
 use crate::error::{DeviceError, IoError};
@@ -236,7 +236,7 @@ impl NvmeQueue {
             free_reqs: (0..depth as u16).rev().collect(),
             free_bounce: ALL_BOUNCE,
             pieces: Vec::with_capacity(entries),
-            done: CompletionRing::new(2 * depth),
+            done: completion_ring(2 * depth),
             in_flight: 0,
             generation,
             polls: 0,

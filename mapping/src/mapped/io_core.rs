@@ -11,12 +11,12 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use udm_drivers::completion_ring::CompletionRing;
+use udm_drivers::completion_ring::{completion_ring, CompletionRing};
 use udm_drivers::{BlockDevice, Completion, IoError, IoQueue, IoRequest, QueueFull};
 
-use crate::mapped::rings::FixedRing;
 use crate::mapped::QueueShared;
 use crate::target::DeviceId;
+use udm_drivers::fixed_ring::FixedRing;
 
 /// Tag bit marking a target's internal I/O.
 pub(crate) const INTERNAL: u64 = 1 << 63;
@@ -91,8 +91,8 @@ impl IoCore {
             children: Vec::new(),
             slots: vec![Slot::EMPTY; depth].into_boxed_slice(),
             free: (0..depth as u32).rev().collect(),
-            done: CompletionRing::new(depth),
-            blocked: FixedRing::new(depth),
+            done: completion_ring(depth),
+            blocked: FixedRing::new(depth, 0),
             active: 0,
             shared,
         }

@@ -23,7 +23,6 @@
 pub(crate) mod context;
 pub(crate) mod io_core;
 pub(crate) mod queue;
-pub(crate) mod rings;
 
 use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};

@@ -11,10 +11,10 @@ use udm_drivers::{Completion, IoError, IoOp, IoQueue, IoRequest, QueueFull, SgLi
 
 use crate::mapped::context::TargetContext;
 use crate::mapped::io_core::{Child, IoCore, INTERNAL, NO_SEGMENT};
-use crate::mapped::rings::FixedRing;
 use crate::mapped::{DeviceShared, QueueShared, GEN_SHIFT, REMOVED, SUSPENDED};
 use crate::table::Table;
 use crate::target::{DevIndex, MapOutcome, PartId, QueueSetup, TargetIo, TargetQueue};
+use udm_drivers::fixed_ring::FixedRing;
 
 /// Completions reaped from a child per call.
 const REAP_BATCH: usize = 64;
@@ -54,7 +54,7 @@ impl MappedQueue {
             targets: Vec::new(),
             polled: Vec::new(),
             io: IoCore::new(depth, shared),
-            held: FixedRing::new(depth),
+            held: FixedRing::new(depth, IoRequest::flush(0)),
             reaped: vec![Completion::EMPTY; REAP_BATCH].into_boxed_slice(),
         }
     }

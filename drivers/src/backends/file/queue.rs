@@ -17,7 +17,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 
 use super::buffers::{BufferRegistry, FixedBuffers};
 use super::FileKind;
-use crate::completion_ring::CompletionRing;
+use crate::completion_ring::{completion_ring, CompletionRing};
 use crate::device::{DeviceInfo, IoQueue};
 use crate::error::{DeviceError, IoError};
 use crate::request::{Completion, IoOp, IoRequest, QueueFull, SECTOR_SIZE};
@@ -149,7 +149,7 @@ impl FileQueue {
             free: (0..depth as u32).rev().collect(),
             iovecs: vec![libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; depth * SLOT_IOVECS]
                 .into_boxed_slice(),
-            rejected: CompletionRing::new(depth),
+            rejected: completion_ring(depth),
             unsubmitted: 0,
             disabled,
             depth,
