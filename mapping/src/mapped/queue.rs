@@ -310,29 +310,20 @@ fn next_piece(table: &Table, s: &crate::mapped::io_core::Slot, slot: u32) -> Opt
     if req.op == IoOp::Flush {
         let step = s.cursor as usize;
         let devices = table.flush_children.len();
-        if step < devices {
-            let io = TargetIo {
-                op: IoOp::Flush,
-                offset: 0,
-                sectors: 0,
-                sg: SgList::empty(),
-                fua: req.fua,
-                part: PartId(slot),
-                flush_index: 0,
-            };
-            return Some((NO_SEGMENT, io));
-        }
-        let &(segment, index) = table.flush_maps.get(step - devices)?;
-        let io = TargetIo {
+        let flush = |flush_index| TargetIo {
             op: IoOp::Flush,
             offset: 0,
             sectors: 0,
             sg: SgList::empty(),
             fua: req.fua,
             part: PartId(slot),
-            flush_index: index,
+            flush_index,
         };
-        return Some((segment, io));
+        if step < devices {
+            return Some((NO_SEGMENT, flush(0)));
+        }
+        let &(segment, index) = table.flush_maps.get(step - devices)?;
+        return Some((segment, flush(index)));
     }
     if s.cursor >= req.sectors {
         return None;
