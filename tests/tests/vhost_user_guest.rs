@@ -19,6 +19,7 @@ fn export(dir: &Path, name: &str, queues: u16, read_only: bool) -> ExportConfig 
         queue_size: 128,
         read_only,
         poll: PollMode::Event,
+        idle_poll_us: udm_server::vhost_blk::export::default_idle_poll_us(),
         cpus: vec![],
         serial: Some(format!("udm-{name}")),
     }

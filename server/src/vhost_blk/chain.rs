@@ -68,11 +68,10 @@ pub fn desc(d: Descriptor) -> Desc {
 mod tests {
     use super::*;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use vm_memory::GuestMemoryMmap;
 
     #[test]
     fn walks_direct_and_indirect_chains_and_stops_on_loops() {
-        let mem: GuestMem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
         let put = |at: u64, d: Descriptor| mem.write_obj(d, GuestAddress(at)).unwrap();
         let (next, write, ind) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16, VRING_DESC_F_INDIRECT as u16);
         put(0, Descriptor::new(0x1000, 16, next, 3));

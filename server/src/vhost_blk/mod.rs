@@ -20,6 +20,7 @@ pub mod chain;
 pub mod config_space;
 pub mod export;
 pub mod features;
+pub mod guest_access;
 pub mod guest_memory;
 pub mod handler;
 pub mod inflight;

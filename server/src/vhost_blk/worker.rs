@@ -36,6 +36,9 @@ use super::stats::{new_histogram, Kind, QueueStats};
 /// Least time between two merges of a worker's latency histogram into the shared one.
 const MERGE_INTERVAL: Duration = Duration::from_millis(100);
 
+/// First idle-poll window once polling has proved useful.
+const IDLE_POLL_START: Duration = Duration::from_micros(4);
+
 /// How a worker waits when its queue is empty.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -79,6 +82,8 @@ pub struct Shared {
     pub serial: [u8; ID_BYTES],
     /// Idle strategy.
     pub mode: PollMode,
+    /// Longest an event-mode worker polls an empty queue before sleeping (0: never).
+    pub idle_poll_max: Duration,
     /// Per-queue statistics, indexed by virtqueue.
     pub stats: Vec<Arc<QueueStats>>,
 }
@@ -169,6 +174,9 @@ pub fn spawn(
         free: (0..size as u16).rev().collect(),
         backlog: VecDeque::with_capacity(size),
         completions: vec![Completion::EMPTY; size.max(32)],
+        descs: Vec::with_capacity(MAX_CHAIN),
+        now: Instant::now(),
+        idle_poll: Duration::ZERO,
         in_flight: 0,
         need_notify: false,
         shared,
@@ -231,6 +239,12 @@ struct Worker {
     free: Vec<u16>,
     backlog: VecDeque<IoRequest>,
     completions: Vec<Completion>,
+    /// Scratch for the descriptors of the chain being parsed.
+    descs: Vec<Desc>,
+    /// Time at the start of the current pass: requests started in one pass share it.
+    now: Instant,
+    /// How long an idle event-mode worker keeps polling before it sleeps (adapted).
+    idle_poll: Duration,
     in_flight: usize,
     need_notify: bool,
     shared: Arc<Shared>,
@@ -272,7 +286,9 @@ impl Worker {
         }
         let mut events = [EpollEvent::default(); 2];
         let mut idle_spins = 0u32;
+        let mut idle_since = Instant::now();
         loop {
+            self.now = Instant::now();
             let stopping = self.stop.load(Ordering::Acquire);
             let mut progress = false;
             if !stopping {
@@ -284,6 +300,7 @@ impl Worker {
             self.notify();
             if progress {
                 idle_spins = 0;
+                idle_since = self.now;
                 continue;
             }
             if self.in_flight > 0 || !self.backlog.is_empty() {
@@ -302,6 +319,12 @@ impl Worker {
             self.retired.clear();
             match (&epoll, self.shared.mode) {
                 (Some(ep), PollMode::Event) => {
+                    if self.now.duration_since(idle_since) < self.idle_poll {
+                        // Polling a little longer is cheaper than the kick, the wake-up and
+                        // the re-arm a sleep costs, when the guest comes back soon.
+                        std::hint::spin_loop();
+                        continue;
+                    }
                     match self.queue.enable_notification(&*self.mem) {
                         Ok(true) => {
                             let _ = self.queue.disable_notification(&*self.mem);
@@ -310,16 +333,34 @@ impl Worker {
                         Ok(false) => {}
                         Err(e) => self.log_error(format_args!("enabling notifications: {e:?}")),
                     }
+                    let slept = Instant::now();
                     let n = ep.wait(-1, &mut events).unwrap_or(0);
+                    self.adapt_idle_poll(slept.elapsed());
                     let kicked = events[..n].iter().any(|e| e.data() == 0);
                     self.drain_kick(kicked);
                     let _ = self.queue.disable_notification(&*self.mem);
+                    idle_since = Instant::now();
                 }
                 _ => std::hint::spin_loop(),
             }
         }
         self.publish_latency(true);
         QueueEnd { next_avail: self.queue.next_avail(), kick: self.kick, inflight: self.inflight }
+    }
+
+    /// Grows the idle-poll window when a sleep was short (polling would have caught the
+    /// next request without a wake-up) and shrinks it when the guest stayed away longer
+    /// than the longest window, as QEMU's adaptive polling does.
+    fn adapt_idle_poll(&mut self, slept: Duration) {
+        let max = self.shared.idle_poll_max;
+        if slept < max {
+            self.idle_poll = (self.idle_poll * 2).max(IDLE_POLL_START).min(max);
+        } else {
+            self.idle_poll /= 2;
+            if self.idle_poll < IDLE_POLL_START {
+                self.idle_poll = Duration::ZERO;
+            }
+        }
     }
 
     fn make_epoll(&self) -> Option<Epoll> {
@@ -385,7 +426,7 @@ impl Worker {
         let slot = &mut self.slots[usize::from(slot_idx)];
         slot.head = head;
         slot.req = None;
-        let req = match parse_chain(mem, descs, &limits, &mut slot.segs) {
+        let req = match parse_chain(mem, descs, &limits, &mut slot.segs, &mut self.descs) {
             Ok(r) => r,
             Err(rej) if matches!(rej.reason, Reason::OutsideMemory { .. }) && self.memory_moved_on(mem) => {
                 // The front end added a region (acknowledged) after this pass loaded the
@@ -404,7 +445,7 @@ impl Worker {
             }
         };
         slot.req = Some(req);
-        slot.started = Instant::now();
+        slot.started = self.now;
         let tag = u64::from(slot_idx);
         // SAFETY: the segments live in the slot, which is not reused (nor its vector
         // grown) until this request completes; they point into guest memory that `self.mem`
@@ -456,6 +497,7 @@ impl Worker {
             }
             any = true;
             self.in_flight -= n;
+            let now = Instant::now();
             for i in 0..n {
                 let c = self.completions[i];
                 let slot_idx = c.tag as u16;
@@ -470,7 +512,7 @@ impl Worker {
                 };
                 let slot = &self.slots[usize::from(slot_idx)];
                 if let Some(req) = slot.req {
-                    let ns = slot.started.elapsed().as_nanos() as u64;
+                    let ns = now.saturating_duration_since(slot.started).as_nanos() as u64;
                     let _ = self.latency.record(ns.max(1));
                     self.unmerged += 1;
                     let (kind, bytes) = match req.op {
