@@ -66,7 +66,18 @@ enum ExportCommand {
 pub fn main(args: ExportArgs) -> ExitCode {
     let ctl = &args.ctl;
     match args.command {
-        ExportCommand::Add { name, device, socket, queues, queue_size, read_only, busy_poll, idle_poll_us, cpus, serial } => {
+        ExportCommand::Add {
+            name,
+            device,
+            socket,
+            queues,
+            queue_size,
+            read_only,
+            busy_poll,
+            idle_poll_us,
+            cpus,
+            serial,
+        } => {
             let cpus = match cpus.as_deref().map(parse_cpu_list).transpose() {
                 Ok(c) => c.unwrap_or_default(),
                 Err(e) => return usage_error(e),

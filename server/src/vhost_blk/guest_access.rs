@@ -46,10 +46,8 @@ impl GuestMem {
     /// Builds the view over `regions` (any order; they must not overlap).
     pub fn from_arc_regions(mut regions: Vec<Arc<GuestRegionMmap<()>>>) -> Result<Self, String> {
         regions.sort_by_key(|r| r.start_addr());
-        let ranges = regions
-            .iter()
-            .map(|r| HostRange { guest: r.start_addr().0, len: r.len(), host: r.as_ptr() })
-            .collect();
+        let ranges =
+            regions.iter().map(|r| HostRange { guest: r.start_addr().0, len: r.len(), host: r.as_ptr() }).collect();
         let backend = GuestMemoryMmap::from_arc_regions(regions).map_err(|e| e.to_string())?;
         Ok(GuestMem { backend: Some(backend), ranges })
     }
@@ -85,6 +83,31 @@ impl GuestMem {
         }
         // SAFETY: `off` is inside the region's mapping, so the result stays inside it.
         Some(unsafe { r.host.add(off as usize) })
+    }
+
+    /// Copies `N` bytes at `addr` out of guest memory in one volatile read (the guest may
+    /// change them at any time: the copy is what udm trusts); `None` when they do not lie
+    /// inside one region.
+    #[inline]
+    pub fn read_array<const N: usize>(&self, addr: u64) -> Option<[u8; N]> {
+        let p = self.host_range(addr, N as u64)?;
+        // SAFETY: `host_range` checked that the N bytes lie inside one mapped region, kept
+        // alive by `self`; `[u8; N]` has alignment 1 and every bit pattern is valid.
+        Some(unsafe { std::ptr::read_volatile(p as *const [u8; N]) })
+    }
+
+    /// Stores one byte at `addr` (a status byte); false when it is not guest memory.
+    #[inline]
+    pub fn write_byte(&self, addr: u64, value: u8) -> bool {
+        match self.host_range(addr, 1) {
+            Some(p) => {
+                // SAFETY: `host_range` checked that the byte lies inside a mapped region,
+                // kept alive by `self`.
+                unsafe { std::ptr::write_volatile(p, value) };
+                true
+            }
+            None => false,
+        }
     }
 
     /// Calls `f(host, len)` for each region-contiguous piece of `len` bytes at `addr`;

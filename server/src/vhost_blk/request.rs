@@ -282,8 +282,15 @@ pub fn parse_chain(
     if out_len < HEADER_LEN as u64 {
         return Err(reject(Reason::ShortHeader(out_len as usize)));
     }
-    let mut header = [0u8; HEADER_LEN];
-    read_stream(mem, &Stream { descs: rd, skip: 0, len: HEADER_LEN as u64 }, &mut header).map_err(reject)?;
+    // Drivers put the header in a buffer of its own or at the start of the first one.
+    let header = match rd.first().filter(|d| d.len as usize >= HEADER_LEN).and_then(|d| mem.read_array(d.addr)) {
+        Some(h) => h,
+        None => {
+            let mut h = [0u8; HEADER_LEN];
+            read_stream(mem, &Stream { descs: rd, skip: 0, len: HEADER_LEN as u64 }, &mut h).map_err(reject)?;
+            h
+        }
+    };
     let kind = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
     let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
     let out_data = Stream { descs: rd, skip: HEADER_LEN as u64, len: out_len - HEADER_LEN as u64 };
@@ -394,7 +401,11 @@ fn translate(mem: &GuestMem, s: &Stream<'_>, segs: &mut Vec<IoSegment>, max: usi
             segs.push(unsafe { IoSegment::new(host, n as usize) });
             true
         })
-        .ok_or(if full { Reason::TooLarge { len: s.len, segments: segs.len() + 1 } } else { Reason::OutsideMemory { addr, len } })
+        .ok_or(if full {
+            Reason::TooLarge { len: s.len, segments: segs.len() + 1 }
+        } else {
+            Reason::OutsideMemory { addr, len }
+        })
     })
 }
 

@@ -23,7 +23,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::chain::{desc, ChainWalk};
+use super::chain::ChainWalk;
 use super::config_space::Limits;
 use super::inflight::InflightQueue;
 use super::log_limit::LogLimit;
@@ -415,7 +415,10 @@ impl Worker {
             if let Some(inf) = self.inflight.as_mut() {
                 inf.take(head);
             }
-            self.start(&mem, slot, head, chain.map(desc));
+            // Walked by udm's own walker (the one reconnect uses for chains it did not
+            // pop), which reads each descriptor with one copy.
+            let walk = ChainWalk::new(&mem, self.desc_table, self.size, head);
+            self.start(&mem, slot, head, walk);
         }
         progress
     }
@@ -542,7 +545,7 @@ impl Worker {
             None => (None, 0),
         };
         if let Some(addr) = addr {
-            if self.mem.write_obj(status, addr).is_err() {
+            if !self.mem.write_byte(addr.0, status) {
                 self.log_error(format_args!("status byte at {:#x} is no longer in guest memory", addr.0));
             }
         }
