@@ -23,6 +23,7 @@ pub mod features;
 pub mod guest_access;
 pub mod guest_memory;
 pub mod handler;
+pub mod idle;
 pub mod inflight;
 pub mod log_limit;
 pub mod request;

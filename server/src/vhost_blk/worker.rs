@@ -25,6 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::ChainWalk;
 use super::config_space::Limits;
+use super::idle::{IdlePolicy, IdleStep};
 use super::inflight::InflightQueue;
 use super::log_limit::LogLimit;
 use super::request::{
@@ -35,9 +36,6 @@ use super::stats::{new_histogram, Kind, QueueStats};
 
 /// Least time between two merges of a worker's latency histogram into the shared one.
 const MERGE_INTERVAL: Duration = Duration::from_millis(100);
-
-/// First idle-poll window once polling has proved useful.
-const IDLE_POLL_START: Duration = Duration::from_micros(4);
 
 /// How a worker waits when its queue is empty.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -159,6 +157,7 @@ pub fn spawn(
     let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| StartError::Host("eventfd", e))?);
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::clone(&shared.stats[usize::from(setup.index)]);
+    let shared_idle_max = shared.idle_poll_max;
     let size = usize::from(setup.size);
     let mut worker = Worker {
         index: setup.index,
@@ -176,7 +175,7 @@ pub fn spawn(
         completions: vec![Completion::EMPTY; size.max(32)],
         descs: Vec::with_capacity(MAX_CHAIN),
         now: Instant::now(),
-        idle_poll: Duration::ZERO,
+        idle: IdlePolicy::new(shared_idle_max),
         in_flight: 0,
         need_notify: false,
         shared,
@@ -197,6 +196,7 @@ pub fn spawn(
             if let Some(cpu) = cpu {
                 crate::cpu::pin_current_thread(cpu);
             }
+            crate::cpu::set_timer_slack(1_000);
             worker.run(resubmit)
         })
         .map_err(|e| StartError::Host("spawning a queue worker", e))?;
@@ -243,8 +243,8 @@ struct Worker {
     descs: Vec<Desc>,
     /// Time at the start of the current pass: requests started in one pass share it.
     now: Instant,
-    /// How long an idle event-mode worker keeps polling before it sleeps (adapted).
-    idle_poll: Duration,
+    /// What an idle event-mode worker does before it sleeps on the kick.
+    idle: IdlePolicy,
     in_flight: usize,
     need_notify: bool,
     shared: Arc<Shared>,
@@ -287,6 +287,8 @@ impl Worker {
         let mut events = [EpollEvent::default(); 2];
         let mut idle_spins = 0u32;
         let mut idle_since = Instant::now();
+        // The queue ran empty and the worker stayed awake (polled or napped) since.
+        let mut idle_awake = false;
         loop {
             self.now = Instant::now();
             let stopping = self.stop.load(Ordering::Acquire);
@@ -299,6 +301,10 @@ impl Worker {
             progress |= self.reap();
             self.notify();
             if progress {
+                if idle_awake {
+                    self.idle.on_request(self.now.duration_since(idle_since));
+                    idle_awake = false;
+                }
                 idle_spins = 0;
                 idle_since = self.now;
                 continue;
@@ -319,11 +325,17 @@ impl Worker {
             self.retired.clear();
             match (&epoll, self.shared.mode) {
                 (Some(ep), PollMode::Event) => {
-                    if self.now.duration_since(idle_since) < self.idle_poll {
-                        // Polling a little longer is cheaper than the kick, the wake-up and
-                        // the re-arm a sleep costs, when the guest comes back soon.
-                        std::hint::spin_loop();
-                        continue;
+                    idle_awake = true;
+                    match self.idle.step(self.now.duration_since(idle_since)) {
+                        IdleStep::Poll => {
+                            std::hint::spin_loop();
+                            continue;
+                        }
+                        IdleStep::Nap(d) => {
+                            std::thread::sleep(d);
+                            continue;
+                        }
+                        IdleStep::Sleep => {}
                     }
                     match self.queue.enable_notification(&*self.mem) {
                         Ok(true) => {
@@ -335,7 +347,8 @@ impl Worker {
                     }
                     let slept = Instant::now();
                     let n = ep.wait(-1, &mut events).unwrap_or(0);
-                    self.adapt_idle_poll(slept.elapsed());
+                    self.idle.on_wake(slept.elapsed());
+                    idle_awake = false;
                     let kicked = events[..n].iter().any(|e| e.data() == 0);
                     self.drain_kick(kicked);
                     let _ = self.queue.disable_notification(&*self.mem);
@@ -346,21 +359,6 @@ impl Worker {
         }
         self.publish_latency(true);
         QueueEnd { next_avail: self.queue.next_avail(), kick: self.kick, inflight: self.inflight }
-    }
-
-    /// Grows the idle-poll window when a sleep was short (polling would have caught the
-    /// next request without a wake-up) and shrinks it when the guest stayed away longer
-    /// than the longest window, as QEMU's adaptive polling does.
-    fn adapt_idle_poll(&mut self, slept: Duration) {
-        let max = self.shared.idle_poll_max;
-        if slept < max {
-            self.idle_poll = (self.idle_poll * 2).max(IDLE_POLL_START).min(max);
-        } else {
-            self.idle_poll /= 2;
-            if self.idle_poll < IDLE_POLL_START {
-                self.idle_poll = Duration::ZERO;
-            }
-        }
     }
 
     fn make_epoll(&self) -> Option<Epoll> {
