@@ -8,101 +8,13 @@
 //!
 //! Runs the `udm` binary of the same build (`cargo test --workspace` builds it).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use udm_server::control::Client;
-use udm_tests::vm::{modules, Backing, Guest};
-
-fn udm_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
-    let udm = profile_dir.join("udm");
-    assert!(
-        udm.exists(),
-        "{} is missing: build it first with `cargo build -p udm-server` (same profile)",
-        udm.display()
-    );
-    udm
-}
-
-/// A `udm serve` process with its log (stderr) collected as it arrives.
-struct Udm {
-    child: Child,
-    log: Arc<Mutex<String>>,
-}
-
-impl Udm {
-    /// Starts `udm serve --config udm.toml` in `dir` and waits until it serves.
-    fn start(dir: &Path) -> Udm {
-        let mut child = Command::new(udm_binary())
-            .args(["serve", "--config", "udm.toml"])
-            .env("RUST_LOG", std::env::var("UDM_TEST_LOG").unwrap_or_else(|_| "warn,udm_server::vhost_blk=info".into()))
-            .current_dir(dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        let sink = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                let mut l = sink.lock().unwrap();
-                l.push_str(&strip_ansi(&line));
-                l.push('\n');
-            }
-        });
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        for line in lines.by_ref() {
-            if line.unwrap().starts_with("stop with") {
-                break;
-            }
-        }
-        std::thread::spawn(move || lines.for_each(drop));
-        Udm { child, log }
-    }
-
-    /// SIGKILL: no drain, no flush, nothing completed on the way out.
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// The first log line containing `needle`, waiting up to `secs` for it.
-    fn wait_for_log(&self, needle: &str, secs: u64) -> String {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if let Some(l) = self.log.lock().unwrap().lines().find(|l| l.contains(needle)) {
-                return l.to_string();
-            }
-            assert!(Instant::now() < deadline, "udm never logged `{needle}`; its log:\n{}", self.log.lock().unwrap());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-/// `line` without terminal colour sequences (`ESC [ ... letter`).
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
+use udm_tests::udm_process::UdmProcess;
+use udm_tests::vm::{modules, Guest, Mailbox};
 
 /// Writes completed by the running daemon (0 if it is not answering yet).
 fn writes(dir: &Path) -> u64 {
@@ -122,16 +34,14 @@ fn wait_for_writes(dir: &Path, at_least: u64, what: &str) {
 }
 
 /// Three writers, each over its own 16 blocks of 64 KiB, write, read back and compare
-/// until the flag disk says STOP; then every block is checked against the last write
+/// until the mailbox says STOP; then every block is checked against the last write
 /// the guest saw acknowledged, and the kernel log must hold no I/O error.
 const GUEST_SCRIPT: &str = r#"
-UDM=; FLAG=
-for d in /sys/block/vd*; do
-  if [ "$(cat $d/serial 2>/dev/null)" = udm-disk ]; then UDM=/dev/$(basename $d); else FLAG=/dev/$(basename $d); fi
-done
-echo udm=$UDM flag=$FLAG
+UDM=
+for d in /sys/block/vd*; do [ "$(cat $d/serial 2>/dev/null)" = udm-disk ] && UDM=/dev/$(basename $d); done
+echo udm=$UDM mailbox=$MAILBOX
 i=0; while [ $i -lt 8 ]; do dd if=/dev/urandom of=/tmp/p$i bs=64k count=1 2>/dev/null; i=$((i+1)); done
-stopped() { dd if=$FLAG bs=512 count=1 iflag=direct 2>/dev/null | grep -q STOP; }
+stopped() { dd if=$MAILBOX bs=512 count=1 iflag=direct 2>/dev/null | grep -qx STOP; }
 writer() {
   w=$1; n=0
   while ! stopped; do
@@ -161,11 +71,11 @@ if dmesg | grep -i "I/O error"; then echo guest-io-error; exit 1; fi
 echo verified
 "#;
 
-/// A temporary directory with the disk image, the flag disk and udm.toml.
+/// A temporary directory with the disk image, the mailbox and udm.toml.
 struct Setup {
     dir: tempfile::TempDir,
     img: PathBuf,
-    flag: PathBuf,
+    mailbox: Mailbox,
 }
 
 impl Setup {
@@ -173,9 +83,8 @@ impl Setup {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("disk.img");
         std::fs::File::create(&img).unwrap().set_len(64 << 20).unwrap();
-        let flag = dir.path().join("flag.img");
-        std::fs::File::create(&flag).unwrap().set_len(1 << 20).unwrap();
-        let s = Setup { dir, img, flag };
+        let mailbox = Mailbox::create(dir.path().join("mailbox.img")).unwrap();
+        let s = Setup { dir, img, mailbox };
         s.write_config("");
         s
     }
@@ -208,7 +117,8 @@ impl Setup {
             .modules(modules::VIRTIO_BLK)
             .shared_memory()
             .qemu_args(&["-chardev", &chardev, "-device", "vhost-user-blk-pci,chardev=vu0,num-queues=1"])
-            .virtio_disk(Backing::raw(&self.flag))
+            .mailbox(&self.mailbox)
+            .script(&Mailbox::guest_find())
             .script(GUEST_SCRIPT)
             .timeout(Duration::from_secs(500));
         std::thread::spawn(move || guest.run())
@@ -219,7 +129,7 @@ impl Setup {
         &self,
         run: std::thread::JoinHandle<Result<udm_tests::vm::GuestOutput, udm_tests::vm::VmError>>,
     ) -> udm_tests::vm::GuestOutput {
-        std::fs::write(&self.flag, b"STOP").unwrap();
+        self.mailbox.post(0, "STOP").unwrap();
         let out = run.join().unwrap().unwrap();
         out.assert_success();
         assert!(out.output.contains("verified"), "{}", out.output);
@@ -230,13 +140,13 @@ impl Setup {
 #[test]
 fn guest_io_survives_udm_being_killed_and_restarted() {
     let setup = Setup::new();
-    let mut udm = Udm::start(setup.path());
+    let mut udm = UdmProcess::start(setup.path(), &["--config", "udm.toml"]);
     let run = setup.run_guest();
     wait_for_writes(setup.path(), 30, "start");
     for round in 0..3 {
         udm.kill();
         std::thread::sleep(Duration::from_millis(500 + 300 * round));
-        udm = Udm::start(setup.path());
+        udm = UdmProcess::start(setup.path(), &["--config", "udm.toml"]);
         wait_for_writes(setup.path(), 30, "resume after a restart");
     }
     setup.stop_guest(run);
@@ -255,17 +165,17 @@ const STALL_AFTER: u64 = 20;
 fn requests_in_flight_when_udm_is_killed_are_redone_by_the_next_one() {
     let setup = Setup::new();
     setup.write_config(&format!("stall-after={STALL_AFTER}"));
-    let mut udm = Udm::start(setup.path());
+    let mut udm = UdmProcess::start(setup.path(), &["--config", "udm.toml"]);
     let run = setup.run_guest();
     let mut redone = Vec::new();
     for round in 0..3 {
-        udm.wait_for_log("fault: device stalled", 300);
+        udm.wait_for_log("fault: device stalled", Duration::from_secs(300));
         udm.kill();
         if round == 2 {
             setup.write_config("");
         }
-        udm = Udm::start(setup.path());
-        let line = udm.wait_for_log("resubmitting requests left in flight", 120);
+        udm = UdmProcess::start(setup.path(), &["--config", "udm.toml"]);
+        let line = udm.wait_for_log("resubmitting requests left in flight", Duration::from_secs(120));
         let count: u64 = line
             .split("count=")
             .nth(1)
