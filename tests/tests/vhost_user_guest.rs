@@ -1,10 +1,15 @@
 //! Linux guests (QEMU, TCG) on udm's vhost-user-blk exports: ext4 made, filled, synced
 //! and checked clean; a snapshot taken while the guest runs (its file system frozen),
 //! exported read-only to a second guest, checks clean and shows the files as they were
-//! while the origin changes; a resize reaches the running guest.
+//! while the origin changes; a resize reaches the running guest; a device that takes
+//! small requests gets no larger ones from the guest.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
+
+use udm_drivers::backends::mem::MemDevice;
+use udm_drivers::{BlockDevice, DeviceError, DeviceInfo, IoQueue, MemoryRegion};
 
 use udm_server::daemon::config::{BackendConfig, Config, DeviceConfig};
 use udm_server::daemon::Daemon;
@@ -192,5 +197,69 @@ fn growing_the_volume_reaches_the_running_guest() {
     assert!(out.output.contains("size0=131072"), "{}", out.output);
     assert!(out.output.contains("size1=196608"), "the guest saw the new size:\n{}", out.output);
     assert!(out.output.contains("tail-written"), "{}", out.output);
+    daemon.shutdown();
+}
+
+/// A RAM disk that takes at most 128 KiB per request, like an NVMe SSD with MDTS 5
+/// (many real ones have 128 or 256 KiB).
+struct SmallTransfers(Arc<dyn BlockDevice>);
+
+const SMALL_MAX_TRANSFER: u32 = 128 << 10;
+
+impl BlockDevice for SmallTransfers {
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo { max_transfer: SMALL_MAX_TRANSFER, ..self.0.info() }
+    }
+
+    fn open_queue(&self, depth: usize) -> Result<Box<dyn IoQueue>, DeviceError> {
+        self.0.open_queue(depth)
+    }
+
+    fn register_memory(&self, region: MemoryRegion) -> Result<(), DeviceError> {
+        self.0.register_memory(region)
+    }
+
+    fn unregister_memory(&self, region: MemoryRegion) -> Result<(), DeviceError> {
+        self.0.unregister_memory(region)
+    }
+}
+
+/// A guest's 4 MiB direct reads and writes on an export whose device takes 128 KiB per
+/// request: the config space (seg_max x size_max) keeps the guest's requests within
+/// that, so none is refused and the data reads back.
+#[test]
+fn guest_requests_stay_within_the_device_max_transfer() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::new(vec![]);
+    let ram: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(64 << 20, 512).unwrap());
+    daemon.registry().register_backend("small", Arc::new(SmallTransfers(ram))).unwrap();
+    let mut cfg = export(dir.path(), "small", 1, false);
+    cfg.device = "small".into();
+    daemon.export_add(cfg).unwrap();
+    let out = guest()
+        .vhost_user_blk(dir.path().join("small.sock"), 1)
+        .script(
+            "q=/sys/block/vda/queue\n\
+             echo segments=$(cat $q/max_segments) segment_size=$(cat $q/max_segment_size) max_kb=$(cat $q/max_sectors_kb)\n\
+             dd if=/dev/urandom of=/tmp/big bs=1M count=8 2>/dev/null\n\
+             dd if=/tmp/big of=/dev/vda bs=4M oflag=direct\n\
+             dd if=/dev/vda of=/tmp/back bs=4M count=2 iflag=direct\n\
+             cmp /tmp/big /tmp/back && echo big-io-verified",
+        )
+        .run()
+        .unwrap();
+    out.assert_success();
+    assert!(out.output.contains("big-io-verified"), "{}", out.output);
+    let limits = out.output.lines().find(|l| l.starts_with("segments=")).unwrap_or_default().to_string();
+    let field = |k: &str| -> u64 {
+        limits.split_whitespace().find_map(|w| w.strip_prefix(k)?.parse().ok()).unwrap_or_else(|| panic!("{limits}"))
+    };
+    assert!(
+        field("segments=") * field("segment_size=") <= u64::from(SMALL_MAX_TRANSFER),
+        "the guest may build requests larger than the device takes: {limits}"
+    );
+    let stats = daemon.stats(Some("small")).unwrap();
+    assert_eq!((stats[0].total.rejected, stats[0].total.errors), (0, 0), "{stats:?}");
+    assert!(stats[0].total.bytes_written >= 8 << 20 && stats[0].total.bytes_read >= 8 << 20, "{stats:?}");
     daemon.shutdown();
 }
