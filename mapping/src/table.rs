@@ -112,7 +112,7 @@ impl Table {
             info.supports_write_zeroes &= caps.write_zeroes;
             info.sectors = b.start + b.length;
             let boundary = b.target.split_boundary().map_or(0, NonZeroU64::get);
-            let max_sectors = b.devices.iter().map(|d| max_piece_sectors(&d.info())).min().unwrap_or(u64::MAX);
+            let max_sectors = b.devices.iter().map(|d| max_piece_sectors(d.info())).min().unwrap_or(u64::MAX);
             segments.push(Segment {
                 start: b.start,
                 length: b.length,
