@@ -9,7 +9,8 @@
 //! | `nvme:0000:00:04.0/1[,timeout-ms=N][,shadow=off]` | namespace 1 of an NVMe controller bound to vfio-pci ([`crate::nvme`]) |
 //!
 //! The faults are comma-separated: `fail-after=N` (every request fails after N writes),
-//! `power-loss=N[,seed=S]` (write N is torn, later writes dropped), `corrupt=SECTOR`
+//! `power-loss=N[,seed=S]` (write N is torn, later writes dropped), `stall-after=N`
+//! (every request after N writes is held, never completed: a hung disk), `corrupt=SECTOR`
 //! (repeatable: reads of that sector come back with one byte inverted). For example
 //! `fault:corrupt=2048@mem:64M` or `fault:power-loss=100,seed=7@file:/tmp/disk.img`.
 
@@ -198,17 +199,18 @@ impl BackendSpec {
             plan.corrupt_sectors.push(number("corrupt", v)?);
         }
         let seed = opts.take("seed").map(|v| number("seed", v)).transpose()?.unwrap_or(0);
-        match (opts.take("fail-after"), opts.take("power-loss")) {
-            (Some(_), Some(_)) => return Err(bad(spec, "choose one of fail-after and power-loss")),
-            (Some(v), None) => plan.writes = Some(WriteFault::FailAfterWrites(number("fail-after", v)?)),
-            (None, Some(v)) => {
+        match (opts.take("fail-after"), opts.take("power-loss"), opts.take("stall-after")) {
+            (Some(v), None, None) => plan.writes = Some(WriteFault::FailAfterWrites(number("fail-after", v)?)),
+            (None, Some(v), None) => {
                 let write = number("power-loss", v)?;
                 if write == 0 {
                     return Err(bad(spec, "power-loss counts writes from 1"));
                 }
                 plan.writes = Some(WriteFault::PowerLossAtWrite { write, seed });
             }
-            (None, None) => {}
+            (None, None, Some(v)) => plan.writes = Some(WriteFault::StallAfterWrites(number("stall-after", v)?)),
+            (None, None, None) => {}
+            _ => return Err(bad(spec, "choose one of fail-after, power-loss and stall-after")),
         }
         opts.finish(spec)?;
         let inner = Box::new(Self::parse(inner)?);
@@ -268,6 +270,13 @@ mod tests {
             }
         );
         assert_eq!(
+            BackendSpec::parse("fault:stall-after=5@null:1M").unwrap(),
+            BackendSpec::Fault {
+                plan: FaultPlan { writes: Some(WriteFault::StallAfterWrites(5)), corrupt_sectors: vec![] },
+                inner: Box::new(BackendSpec::Null { bytes: 1 << 20, block_size: 512 })
+            }
+        );
+        assert_eq!(
             BackendSpec::parse("nvme:00:04.0/2,timeout-ms=500,shadow=off").unwrap(),
             BackendSpec::Nvme { bdf: "0000:00:04.0".into(), nsid: 2, timeout_ms: Some(500), shadow_doorbells: false }
         );
@@ -290,6 +299,8 @@ mod tests {
             "fault:corrupt=x@mem:1M",
             "fault:power-loss=0@mem:1M",
             "fault:fail-after=1,power-loss=2@mem:1M",
+            "fault:stall-after=1,fail-after=2@mem:1M",
+            "fault:stall-after=x@mem:1M",
             "fault:drop=1@mem:1M",
             "fault:corrupt=1@disk:1M",
             "nvme:",

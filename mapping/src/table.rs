@@ -21,6 +21,12 @@ pub(crate) struct Segment {
     pub dev_map: Box<[u32]>,
     /// The target's split boundary in sectors (0: none); refreshed after each resume.
     pub boundary: AtomicU64,
+    /// Longest read or write piece the segment's devices take, in sectors: their
+    /// smallest max transfer in whole logical blocks (`u64::MAX` without devices).
+    /// Pieces are split to it, so a table reloaded over a device with a smaller max
+    /// transfer than its clients were told (an export's config space cannot shrink
+    /// under a running guest) still hands that device only what it takes.
+    pub max_sectors: u64,
 }
 
 /// A device below the table, once however many segments use it.
@@ -48,6 +54,12 @@ pub(crate) struct BuiltSegment {
     pub length: u64,
     pub target: Arc<dyn Target>,
     pub devices: Vec<TargetDevice>,
+}
+
+/// A device's max transfer in sectors, rounded down to whole logical blocks (at least one).
+fn max_piece_sectors(info: &DeviceInfo) -> u64 {
+    let block = u64::from(info.logical_block_size.max(512));
+    (u64::from(info.max_transfer) / block).max(1) * block / udm_drivers::SECTOR_SIZE
 }
 
 impl Table {
@@ -100,6 +112,7 @@ impl Table {
             info.supports_write_zeroes &= caps.write_zeroes;
             info.sectors = b.start + b.length;
             let boundary = b.target.split_boundary().map_or(0, NonZeroU64::get);
+            let max_sectors = b.devices.iter().map(|d| max_piece_sectors(d.info())).min().unwrap_or(u64::MAX);
             segments.push(Segment {
                 start: b.start,
                 length: b.length,
@@ -107,6 +120,7 @@ impl Table {
                 devices: b.devices,
                 dev_map: dev_map.into_boxed_slice(),
                 boundary: AtomicU64::new(boundary),
+                max_sectors,
             });
         }
         if !any_device {

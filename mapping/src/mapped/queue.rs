@@ -344,6 +344,9 @@ fn next_piece(table: &Table, s: &crate::mapped::io_core::Slot, slot: u32) -> Opt
     if boundary != 0 {
         len = len.min(boundary - offset % boundary);
     }
+    if req.op.has_data() {
+        len = len.min(seg.max_sectors);
+    }
     let sg = if !req.op.has_data() {
         SgList::empty()
     } else if len == req.sectors {
