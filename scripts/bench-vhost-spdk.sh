@@ -1,7 +1,8 @@
 # Sourced by scripts/bench-vhost.sh when SPDK_VHOST=/path/to/spdk/build/bin/vhost is set
 # (build it with scripts/build-spdk.sh). Adds SPDK's vhost target to the same run:
 #   start_spdk null|malloc  SPDK's vhost app, one reactor pinned to SERVER_CPU, exporting a
-#                           null or malloc bdev (1 GiB, 4 KiB blocks) as vhost-user-blk
+#                           null (1 GiB) or malloc (512 MiB) bdev, 4 KiB blocks, as
+#                           vhost-user-blk
 #   spdk_run_set            the libblkio client's job set against it, or, when libblkio
 #                           refuses the server, one "refused" line saying why
 #   bdevperf_set            the same jobs driven by SPDK's bdevperf through SPDK's own
@@ -9,13 +10,15 @@
 #                           when SPDK_BDEVPERF (default: build/examples/bdevperf next to
 #                           SPDK_VHOST) exists, so every server is also measured with a
 #                           client that SPDK accepts
-# SPDK needs hugepages: SPDK_HUGEPAGES (default 1024 x 2 MiB) are reserved for the run and
+# SPDK needs hugepages: SPDK_HUGEPAGES (default 1536 x 2 MiB; the vhost app takes
+# SPDK_MEM_MB=1024, bdevperf 256, and udm processes running meanwhile may take some too,
+# since udm's DMA memory prefers hugepages) are reserved for the run and
 # the previous nr_hugepages is restored on exit; hugetlbfs is mounted on /dev/hugepages if
 # nothing is, and unmounted again.
 SPDK_ROOT=$(cd "$(dirname "$SPDK_VHOST")/../.." && pwd)
 SPDK_BDEVPERF=${SPDK_BDEVPERF:-$SPDK_ROOT/build/examples/bdevperf}
-SPDK_HUGEPAGES=${SPDK_HUGEPAGES:-1024}
-SPDK_MEM_MB=${SPDK_MEM_MB:-1536}
+SPDK_HUGEPAGES=${SPDK_HUGEPAGES:-1536}
+SPDK_MEM_MB=${SPDK_MEM_MB:-1024}
 SPDK_OLD_HUGEPAGES=$(cat /proc/sys/vm/nr_hugepages)
 SPDK_MOUNTED_HUGETLBFS=
 
@@ -35,19 +38,19 @@ spdk_cleanup() {
 }
 
 start_spdk() { # null|malloc
-  local method=bdev_null_create
-  [ "$1" = malloc ] && method=bdev_malloc_create
+  local method=bdev_null_create blocks=262144
+  [ "$1" = malloc ] && method=bdev_malloc_create blocks=131072
   cat > "$W/spdk.json" <<JSON
 {"subsystems": [
   {"subsystem": "bdev", "config": [
-    {"method": "$method", "params": {"name": "b0", "num_blocks": 262144, "block_size": 4096}}]},
+    {"method": "$method", "params": {"name": "b0", "num_blocks": $blocks, "block_size": 4096}}]},
   {"subsystem": "vhost_blk", "config": [
     {"method": "vhost_create_blk_controller",
      "params": {"ctrlr": "spdk.sock", "dev_name": "b0", "cpumask": "$(printf '0x%x' $((1 << SERVER_CPU)))"}}]}
 ]}
 JSON
   rm -f "$W/spdk.sock" "$W/spdk-rpc.sock"
-  "$SPDK_VHOST" -m "$(printf '0x%x' $((1 << SERVER_CPU)))" -s "$SPDK_MEM_MB" -S "$W" \
+  LD_LIBRARY_PATH=$SPDK_ROOT/build/lib "$SPDK_VHOST" -u -m "$(printf '0x%x' $((1 << SERVER_CPU)))" -s "$SPDK_MEM_MB" -S "$W" \
     -r "$W/spdk-rpc.sock" --json "$W/spdk.json" > "$W/spdk.log" 2>&1 &
   PID=$!
   wait_sock "$W/spdk.sock"
@@ -68,20 +71,24 @@ spdk_run_set() { # libblkio's job set, if libblkio accepts the server at all
 server_cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 bdevperf_run() { # rw qd: one bdevperf run against $SOCK, one JSON line like udm-vhost-bench's
+  # One hugetlbfs file (-g): vhost-user's SET_MEM_TABLE carries at most 8 regions. No
+  # auto-examine: an examining module would hold the only virtqueue's channel.
   cat > "$W/bdevperf.json" <<JSON
 {"subsystems": [{"subsystem": "bdev", "config": [
+  {"method": "bdev_set_options", "params": {"bdev_auto_examine": false}},
   {"method": "bdev_virtio_attach_controller",
    "params": {"name": "v", "trtype": "user", "traddr": "$SOCK", "dev_type": "blk", "vq_count": 1, "vq_size": 256}}]}]}
 JSON
   local hz t0 c0 t1 c1
   hz=$(getconf CLK_TCK)
-  "$SPDK_BDEVPERF" -m "$(printf '0x%x' $((1 << CLIENT_CPU)))" -s 256 -r "$W/bdevperf-rpc.sock" \
+  LD_LIBRARY_PATH=$SPDK_ROOT/build/lib "$SPDK_BDEVPERF" -u -g -m "$(printf '0x%x' $((1 << CLIENT_CPU)))" -s 256 -r "$W/bdevperf-rpc.sock" \
     --json "$W/bdevperf.json" -q "$2" -o 4096 -w "$1" -t "$SECS" -l > "$W/bdevperf.out" 2>&1 &
   local bp=$!
-  # Server CPU over the middle of the run (attach and ramp-up excluded), as a fraction.
-  sleep 2
+  # Server CPU over the middle of the run (start-up and attach, about 0.7 s, excluded),
+  # as a fraction of the wall time.
+  sleep 1.5
   t0=$(date +%s.%N); c0=$(server_cpu_ticks "$PID")
-  sleep $((SECS - 2))
+  sleep $((SECS - 1))
   t1=$(date +%s.%N); c1=$(server_cpu_ticks "$PID")
   wait "$bp" || { echo "bdevperf failed against $LABEL:" >&2; tail -20 "$W/bdevperf.out" >&2; return 0; }
   python3 - "$W/bdevperf.out" "$LABEL" "$1" "$2" "$SECS" "$c0" "$c1" "$t0" "$t1" "$hz" <<'PY' | tee -a "$RESULTS"

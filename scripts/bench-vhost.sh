@@ -93,7 +93,7 @@ done
 
 if [ -n "${SPDK_VHOST:-}" ]; then # RAM: SPDK's malloc bdev beside udm's mem backend
   for poll in event busy; do
-    LABEL="udm-$poll/mem"; start_udm mem:1G $poll; run_set; bdevperf_set; stop
+    LABEL="udm-$poll/mem"; start_udm mem:512M $poll; run_set; bdevperf_set; stop
   done
   LABEL="spdk/malloc"; start_spdk malloc; spdk_run_set; bdevperf_set; stop
 fi
