@@ -121,3 +121,32 @@ bdevperf_set() { # SPDK's client over the same jobs (bdevperf always polls; no Q
 
 spdk_hugepages_reserve
 trap 'cleanup; spdk_cleanup' EXIT
+
+# SPDK_ROUNDS=N: instead of the full run, N interleaved rounds of bdevperf randread at QD32
+# and QD1 against spdk/null, udm-busy/null and udm-event/null (so that the load other
+# users put on a shared machine falls on every server alike), then the median (and best
+# IOPS) per row.
+if [ -n "${SPDK_ROUNDS:-}" ]; then
+  for round in $(seq "$SPDK_ROUNDS"); do
+    for server in spdk udm-busy udm-event; do
+      LABEL="bdevperf->$server/null"
+      if [ $server = spdk ]; then start_spdk null; else start_udm null:1G "${server#udm-}"; fi
+      bdevperf_run randread 32
+      bdevperf_run randread 1
+      stop
+    done
+  done
+  python3 - "$RESULTS" <<'PY'
+import json, statistics, sys
+rows = {}
+for l in open(sys.argv[1]):
+    r = json.loads(l)
+    rows.setdefault((r["label"], r["qd"]), []).append(r)
+print("| server/backend (bdevperf client) | workload | rounds | median IOPS | best IOPS | median p99 us | median IOPS per server CPU-s |")
+print("|---|---|---:|---:|---:|---:|---:|")
+for (label, qd), rs in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    med = lambda k: statistics.median(r[k] for r in rs)
+    print(f"| {label} | randread QD{qd} | {len(rs)} | {med('iops'):,.0f} | {max(r['iops'] for r in rs):,.0f} | {med('p99_us'):.1f} | {med('iops_per_server_cpu_s'):,.0f} |")
+PY
+  exit 0
+fi
