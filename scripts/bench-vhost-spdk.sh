@@ -123,14 +123,17 @@ spdk_hugepages_reserve
 trap 'cleanup; spdk_cleanup' EXIT
 
 # SPDK_ROUNDS=N: instead of the full run, N interleaved rounds of bdevperf randread at QD32
-# and QD1 against spdk/null, udm-busy/null and udm-event/null (so that the load other
+# and QD1 against spdk, udm-busy and udm-event on null (null:1G) then on RAM (SPDK malloc,
+# udm mem:512M) devices (so that the load other
 # users put on a shared machine falls on every server alike), then the median (and best
 # IOPS) per row.
 if [ -n "${SPDK_ROUNDS:-}" ]; then
   for round in $(seq "$SPDK_ROUNDS"); do
-    for server in spdk udm-busy udm-event; do
-      LABEL="bdevperf->$server/null"
-      if [ $server = spdk ]; then start_spdk null; else start_udm null:1G "${server#udm-}"; fi
+    for pair in "spdk null" "udm-busy null:1G" "udm-event null:1G" \
+      "spdk malloc" "udm-busy mem:512M" "udm-event mem:512M"; do
+      set -- $pair
+      LABEL="bdevperf->$1/${2%%:*}"
+      if [ "$1" = spdk ]; then start_spdk "$2"; else start_udm "$2" "${1#udm-}"; fi
       bdevperf_run randread 32
       bdevperf_run randread 1
       stop

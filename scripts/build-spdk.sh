@@ -62,9 +62,10 @@ fi
 # no SPDK release (up to v25.09 and master) lifts that gate, so it is relaxed to accept
 # any 22.11.x. The benchmark runs the apps with --no-pci (-u): no PCI device is probed,
 # so those private structs are never used.
-git checkout -q lib/env_dpdk/pci_dpdk.c
-sed -i 's/if (minor > 4) {/if (minor > 11) {/' lib/env_dpdk/pci_dpdk.c
-grep -q 'minor > 11' lib/env_dpdk/pci_dpdk.c
+if ! grep -q 'if (minor > 11) {' lib/env_dpdk/pci_dpdk.c; then
+  sed -i 's/if (minor > 4) {/if (minor > 11) {/' lib/env_dpdk/pci_dpdk.c
+  grep -q 'if (minor > 11) {' lib/env_dpdk/pci_dpdk.c
+fi
 
 CONFIGURE_FLAGS=(--with-dpdk --disable-tests --disable-unit-tests --disable-examples
   --without-crypto --without-fio --without-xnvme --without-vfio-user --without-rdma
