@@ -2,7 +2,7 @@
 //!
 //! | spec | device |
 //! |---|---|
-//! | `null:1G[,bs=4096]` | [`NullDevice`]: stores nothing, reads zeroes |
+//! | `null:1G[,bs=4096][,read-zeroes=off]` | [`NullDevice`]: stores nothing, reads zeroes (or leave buffers untouched) |
 //! | `mem:64M[,bs=4096]` | [`MemDevice`]: a RAM disk |
 //! | `file:/path[,ro][,direct=off][,bs=4096]` | [`FileDevice`]: a file or block device via io_uring |
 //! | `fault:<faults>@<spec>` | [`FaultDevice`] over any other spec |
@@ -28,12 +28,15 @@ use crate::units::parse_size;
 /// A parsed backend specification.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendSpec {
-    /// `null:<size>[,bs=<block size>]`
+    /// `null:<size>[,bs=<block size>][,read-zeroes=off]`
     Null {
         /// Size in bytes.
         bytes: u64,
         /// Logical block size.
         block_size: u32,
+        /// Reads fill the buffer with zeroes (default); off leaves it untouched, like
+        /// SPDK's null bdev, Linux null_blk and QEMU's `null-co` by default.
+        read_zeroes: bool,
     },
     /// `mem:<size>[,bs=<block size>]`
     Mem {
@@ -129,7 +132,12 @@ impl BackendSpec {
                 let bytes = parse_size(arg).map_err(|e| bad(spec, e))?;
                 let block_size = block_size.unwrap_or(512);
                 if kind == "null" {
-                    BackendSpec::Null { bytes, block_size }
+                    let read_zeroes = match opts.take("read-zeroes") {
+                        None | Some(Some("on")) => true,
+                        Some(Some("off")) => false,
+                        Some(_) => return Err(bad(spec, "read-zeroes is `read-zeroes=on` or `read-zeroes=off`")),
+                    };
+                    BackendSpec::Null { bytes, block_size, read_zeroes }
                 } else {
                     BackendSpec::Mem { bytes, block_size }
                 }
@@ -220,7 +228,9 @@ impl BackendSpec {
     /// Creates the device.
     pub fn open(&self) -> Result<Arc<dyn BlockDevice>, DeviceError> {
         Ok(match self {
-            BackendSpec::Null { bytes, block_size } => Arc::new(NullDevice::new(*bytes, *block_size)?),
+            BackendSpec::Null { bytes, block_size, read_zeroes } => {
+                Arc::new(NullDevice::new(*bytes, *block_size)?.with_read_zeroes(*read_zeroes))
+            }
             BackendSpec::Mem { bytes, block_size } => Arc::new(MemDevice::new(*bytes, *block_size)?),
             BackendSpec::File { path, options } => Arc::new(FileDevice::open(path, options)?),
             BackendSpec::Nvme { bdf, nsid, timeout_ms, shadow_doorbells } => {
@@ -247,7 +257,15 @@ mod tests {
 
     #[test]
     fn parses_specs_and_names_what_is_wrong() {
-        assert_eq!(BackendSpec::parse("null:1G").unwrap(), BackendSpec::Null { bytes: 1 << 30, block_size: 512 });
+        assert_eq!(
+            BackendSpec::parse("null:1G").unwrap(),
+            BackendSpec::Null { bytes: 1 << 30, block_size: 512, read_zeroes: true }
+        );
+        assert_eq!(
+            BackendSpec::parse("null:1G,read-zeroes=off").unwrap(),
+            BackendSpec::Null { bytes: 1 << 30, block_size: 512, read_zeroes: false }
+        );
+        assert!(BackendSpec::parse("null:1G,read-zeroes=maybe").is_err());
         assert_eq!(
             BackendSpec::parse("mem:64M,bs=4096").unwrap(),
             BackendSpec::Mem { bytes: 64 << 20, block_size: 4096 }
@@ -273,7 +291,7 @@ mod tests {
             BackendSpec::parse("fault:stall-after=5@null:1M").unwrap(),
             BackendSpec::Fault {
                 plan: FaultPlan { writes: Some(WriteFault::StallAfterWrites(5)), corrupt_sectors: vec![] },
-                inner: Box::new(BackendSpec::Null { bytes: 1 << 20, block_size: 512 })
+                inner: Box::new(BackendSpec::Null { bytes: 1 << 20, block_size: 512, read_zeroes: true })
             }
         );
         assert_eq!(
