@@ -30,6 +30,7 @@
 pub mod cmd;
 pub mod controller;
 pub mod dma_space;
+pub mod hybrid_poll;
 pub mod identify;
 pub mod io_queue;
 pub mod iova;
