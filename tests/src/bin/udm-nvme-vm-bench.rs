@@ -184,7 +184,9 @@ fn script(runs: &[Run]) -> String {
         "set +e\ncpu() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }\n\
          measure() { name=$1; shift; echo \"RUN-BEGIN $name\"; t0=$(cpu); s0=$(cut -d' ' -f1 /proc/uptime); \"$@\" 2>&1; rc=$?; \
          s1=$(cut -d' ' -f1 /proc/uptime); t1=$(cpu); echo \"RUN-END $name status=$rc jiffies=$((t1-t0)) wall=$s0,$s1\"; }\n\
-         qimg() { limit=$1; shift; for attempt in 1 2 3 4; do timeout $limit qemu-img bench \"$@\" && return 0; \
+         qimg() { limit=$1; shift; for attempt in 1 2 3 4 5 6; do t0=$(cpu); s0=$(cut -d' ' -f1 /proc/uptime); \
+         timeout $limit qemu-img bench \"$@\"; rc=$?; t1=$(cpu); s1=$(cut -d' ' -f1 /proc/uptime); \
+         [ $rc -eq 0 ] && { echo \"ATTEMPT-OK jiffies=$((t1-t0)) wall=$s0,$s1\"; return 0; }; \
          echo \"qemu-img attempt $attempt did not finish\"; done; return 1; }\n\
          echo \"guest clocksource: $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)\"\n",
     );
@@ -278,9 +280,14 @@ fn parse_run(output: &str, i: usize, r: &Run) -> (Measured, String) {
     let end = body.find(&format!("RUN-END run{i} ")).unwrap_or(body.len());
     let text = &body[..end];
     let tail = body[end..].lines().next().unwrap_or("");
-    let field = |k: &str| tail.split_whitespace().find_map(|w| w.strip_prefix(k)).unwrap_or("").to_string();
-    let cpu_s = field("jiffies=").parse::<f64>().unwrap_or(0.0) / 100.0;
-    let wall: Vec<f64> = field("wall=").split(',').filter_map(|s| s.parse().ok()).collect();
+    let field_of =
+        |line: &str, k: &str| line.split_whitespace().find_map(|w| w.strip_prefix(k)).unwrap_or("").to_string();
+    let field = |k: &str| field_of(tail, k);
+    // qemu-img attempts that hung while opening the controller were killed: only the
+    // attempt that ran counts (its own CPU time and wall time).
+    let timing = text.lines().find(|l| l.starts_with("ATTEMPT-OK ")).unwrap_or(tail);
+    let cpu_s = field_of(timing, "jiffies=").parse::<f64>().unwrap_or(0.0) / 100.0;
+    let wall: Vec<f64> = field_of(timing, "wall=").split(',').filter_map(|s| s.parse().ok()).collect();
     let wall_s = if wall.len() == 2 { wall[1] - wall[0] } else { 0.0 };
     // (IOPS, requests completed)
     let (iops, ops) = match r.driver {
@@ -315,7 +322,14 @@ fn parse_run(output: &str, i: usize, r: &Run) -> (Measured, String) {
     };
     let status = field("status=");
     let ok = status == "0" && ops > 0.0;
-    let note = if ok { String::new() } else { format!(" (exit {status}: {})", text.lines().last().unwrap_or("")) };
+    let retried = text.matches("did not finish").count();
+    let note = if !ok {
+        format!(" (exit {status}: {})", text.lines().last().unwrap_or(""))
+    } else if retried > 0 {
+        format!(" ({retried} hung attempts killed first)")
+    } else {
+        String::new()
+    };
     let per_cpu_s = if cpu_s > 0.0 { ops / cpu_s } else { 0.0 };
     (Measured { iops, per_cpu_s, cpu_s, wall_s, ok }, note)
 }
