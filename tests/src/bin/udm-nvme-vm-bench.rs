@@ -103,6 +103,9 @@ struct Measured {
     per_cpu_s: f64,
     cpu_s: f64,
     wall_s: f64,
+    /// udm's own user and system CPU seconds (its report): where `--wait` spends its
+    /// guest CPU (system time is mostly the naps).
+    process: Option<(f64, f64)>,
     ok: bool,
 }
 
@@ -242,8 +245,10 @@ fn main() {
         println!("{line}");
     }
     println!();
-    println!("| driver | mode | workload | IOPS | guest CPU s (of wall s) | requests per guest CPU-s |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| driver | mode | workload | IOPS | guest CPU s (of wall s) | requests per guest CPU-s | udm user + sys s |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     let measured: Vec<Measured> = runs
         .iter()
         .enumerate()
@@ -254,8 +259,9 @@ fn main() {
                 Driver::QemuImg => "qemu-img (sequential)",
                 Driver::Kernel => "kernel + fio io_uring",
             };
+            let process = m.process.map(|(u, s)| format!("{u:.2} + {s:.2}")).unwrap_or_default();
             println!(
-                "| {driver} | {} | {}{note} | {:.0} | {:.2} of {:.1} s | {:.0} |",
+                "| {driver} | {} | {}{note} | {:.0} | {:.2} of {:.1} s | {:.0} | {process} |",
                 r.mode,
                 r.workload.label(),
                 m.iops,
@@ -289,11 +295,13 @@ fn parse_run(output: &str, i: usize, r: &Run) -> (Measured, String) {
     let cpu_s = field_of(timing, "jiffies=").parse::<f64>().unwrap_or(0.0) / 100.0;
     let wall: Vec<f64> = field_of(timing, "wall=").split(',').filter_map(|s| s.parse().ok()).collect();
     let wall_s = if wall.len() == 2 { wall[1] - wall[0] } else { 0.0 };
+    let mut process = None;
     // (IOPS, requests completed)
     let (iops, ops) = match r.driver {
         Driver::Udm => {
             let v = json(text);
             let iops = v["iops"].as_f64().unwrap_or(0.0);
+            process = v["cpu"]["user_s"].as_f64().zip(v["cpu"]["sys_s"].as_f64());
             (iops, iops * v["seconds"].as_f64().unwrap_or(0.0))
         }
         Driver::Kernel => {
@@ -331,7 +339,7 @@ fn parse_run(output: &str, i: usize, r: &Run) -> (Measured, String) {
         String::new()
     };
     let per_cpu_s = if cpu_s > 0.0 { ops / cpu_s } else { 0.0 };
-    (Measured { iops, per_cpu_s, cpu_s, wall_s, ok }, note)
+    (Measured { iops, per_cpu_s, cpu_s, wall_s, process, ok }, note)
 }
 
 /// udm over each peer, per workload and polling mode: requests per guest CPU-second,
