@@ -665,6 +665,7 @@ impl IoQueue for NvmeQueue {
 
 impl Drop for NvmeQueue {
     fn drop(&mut self) {
+        tracing::debug!(qid = self.qid, naps = self.hybrid.naps(), "closing NVMe queue");
         let exists = !self.dead && !self.ctrl.is_dead() && self.ctrl.generation() == self.generation;
         if exists {
             if let Err(e) = self.ctrl.delete_queue_pair(self.qid) {
