@@ -125,6 +125,15 @@ pub enum MapOutcome {
     Accepted,
 }
 
+/// See [`Target::direct_remap`]: target offset `o` is sector `start + o` of device `dev`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectRemap {
+    /// Which of the target's devices.
+    pub dev: DevIndex,
+    /// The device sector of the target's first sector.
+    pub start: u64,
+}
+
 /// How a flush of the mapped device reaches a target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlushPolicy {
@@ -184,6 +193,18 @@ pub trait Target: Send + Sync {
     /// Pieces never cross a multiple of this many sectors, counted from the target's
     /// start (a stripe or snapshot chunk). Read at load and after every resume.
     fn split_boundary(&self) -> Option<NonZeroU64> {
+        None
+    }
+
+    /// A mapping of reads and writes that is a fixed shift onto one device, for the
+    /// core's pass-through path: a read or write that lies inside the segment goes to
+    /// `dev` at `start + offset` without a call to [`TargetQueue::map`], and completes
+    /// straight back to the submitter ([`Target::remap_error`] still hears of failures).
+    /// Only for targets whose `map` would answer exactly that `Remap` for every read and
+    /// write, from any thread, at any time, with no [`Target::split_boundary`] (`linear`).
+    /// Asked once, when the table is built; flushes, discards and write-zeroes still go
+    /// through `map`.
+    fn direct_remap(&self) -> Option<DirectRemap> {
         None
     }
 

@@ -4,9 +4,18 @@
 //!
 //! Child request tags say who the child I/O belongs to:
 //! ```text
-//!  bit 63 = 0: a piece of request slot `tag & 0xffff_ffff`, remapped by segment `tag >> 32`
-//!  bit 63 = 1: internal I/O of segment `(tag >> 32) & 0x7fff_ffff`, target token `tag as u32`
+//!  bits 63..62 = 00: a piece of request slot `tag as u32`, remapped by segment
+//!                    `(tag >> 32) & 0x3fff_ffff`
+//!  bits 63..62 = 01: a whole request sent straight through (the pass-through path);
+//!                    its caller's tag is in `direct[tag as u32]`
+//!  bit  63     = 1:  internal I/O of segment `(tag >> 32) & 0x7fff_ffff`, target token
+//!                    `tag as u32`
 //! ```
+//!
+//! # The published in-flight count
+//! `active` counts admitted requests not finished plus internal I/O in flight. The
+//! control plane only asks whether it is zero, so it is published only when it leaves
+//! or reaches zero: a busy queue pays no shared-memory store per request.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,8 +29,21 @@ use udm_drivers::fixed_ring::FixedRing;
 
 /// Tag bit marking a target's internal I/O.
 pub(crate) const INTERNAL: u64 = 1 << 63;
+/// Tag bit marking a request sent straight through to one child.
+pub(crate) const DIRECT: u64 = 1 << 62;
+/// Mask of a piece's segment number in its tag (after `>> 32`).
+pub(crate) const PIECE_SEGMENT: u64 = 0x3fff_ffff;
 /// Segment number used for pieces that belong to no segment (table-wide flushes).
-pub(crate) const NO_SEGMENT: u32 = 0x7fff_ffff;
+pub(crate) const NO_SEGMENT: u32 = 0x3fff_ffff;
+
+/// A request in flight on the pass-through path: all the core keeps of it.
+#[derive(Clone, Copy)]
+pub(crate) struct DirectEntry {
+    /// The caller's tag.
+    pub tag: u64,
+    /// Its segment (for the target's `remap_error`).
+    pub segment: u32,
+}
 
 /// One device below, with this thread's queue to it.
 pub(crate) struct Child {
@@ -76,6 +98,8 @@ impl Slot {
 pub(crate) struct IoCore {
     pub children: Vec<Child>,
     pub slots: Box<[Slot]>,
+    /// Requests on the pass-through path, indexed like `slots` (the two share `free`).
+    pub direct: Box<[DirectEntry]>,
     free: Vec<u32>,
     pub done: CompletionRing,
     /// Slots whose next piece waits for room in a child queue.
@@ -90,6 +114,7 @@ impl IoCore {
         IoCore {
             children: Vec::new(),
             slots: vec![Slot::EMPTY; depth].into_boxed_slice(),
+            direct: vec![DirectEntry { tag: 0, segment: 0 }; depth].into_boxed_slice(),
             free: (0..depth as u32).rev().collect(),
             done: completion_ring(depth),
             blocked: FixedRing::new(depth, 0),
@@ -109,30 +134,53 @@ impl IoCore {
         self.active
     }
 
-    #[inline]
-    fn publish(&self) {
-        self.shared.active.store(self.active, Ordering::Release);
-    }
-
-    /// Counts one more unit of work and publishes it; the caller fences and checks
-    /// the device state afterwards (see `mapped` module docs).
+    /// Counts one more unit of work, publishing the count when it leaves zero; when it
+    /// did, the caller fences and checks the device state afterwards (see `mapped`
+    /// module docs).
     #[inline]
     pub fn enter(&mut self) {
         self.active += 1;
-        self.shared.active.store(self.active, Ordering::Relaxed);
+        if self.active == 1 {
+            self.shared.active.store(1, Ordering::Relaxed);
+        }
     }
 
-    /// Undoes [`IoCore::enter`] (admission refused, or a request finished).
+    /// Undoes [`IoCore::enter`] (admission refused, or a request finished); publishes
+    /// the count when it reaches zero.
     #[inline]
     pub fn leave(&mut self) {
         self.active -= 1;
-        self.publish();
+        if self.active == 0 {
+            self.shared.active.store(0, Ordering::Release);
+        }
+    }
+
+    /// Takes a free slot index (the caller checked there is room).
+    #[inline]
+    pub fn take_index(&mut self) -> u32 {
+        self.free.pop().expect("a free slot: in-flight requests are bounded by the depth")
+    }
+
+    /// Returns an index from [`IoCore::take_index`] unused.
+    #[inline]
+    pub fn put_index(&mut self, idx: u32) {
+        self.free.push(idx);
+    }
+
+    /// A request on the pass-through path finished: frees its index and gives back the
+    /// caller's tag and the segment.
+    #[inline]
+    pub fn direct_done(&mut self, idx: u32) -> DirectEntry {
+        let entry = self.direct[idx as usize];
+        self.free.push(idx);
+        self.leave();
+        entry
     }
 
     /// Takes a slot for an admitted request (the caller checked there is room).
     #[inline]
     pub fn alloc(&mut self, req: IoRequest) -> u32 {
-        let idx = self.free.pop().expect("a free slot: in-flight requests are bounded by the depth");
+        let idx = self.take_index();
         // Only the fields a new request needs: `pending` is always None in a free slot,
         // and `seg_hint` is only a hint (checked before use).
         let s = &mut self.slots[idx as usize];
@@ -197,7 +245,9 @@ impl IoCore {
     pub fn submit_internal(&mut self, child: u32, req: IoRequest) -> Result<(), QueueFull> {
         self.submit_child(child, req)?;
         self.active += 1;
-        self.publish();
+        if self.active == 1 {
+            self.shared.active.store(1, Ordering::Release);
+        }
         Ok(())
     }
 

@@ -2,6 +2,17 @@
 //! device is suspended), cuts them into pieces at segment and target boundaries, asks
 //! each target's per-thread queue where a piece goes, and merges the pieces'
 //! completions back into one per request.
+//!
+//! # Two paths
+//! * Pass-through: a read or write that lies inside one segment whose target has a
+//!   [`crate::target::Target::direct_remap`] (`linear`) goes straight to the child queue
+//!   at the shifted sector, tagged with an index that keeps only the caller's tag; its
+//!   completion goes straight into the caller's `poll` buffer. No slot, no pieces, no
+//!   call to the target.
+//! * General: everything else gets a slot and is cut into pieces, each mapped by its
+//!   target's queue; the pieces' completions merge into one.
+//!
+//! Both count in the same admission (`active`), so a suspend waits for either.
 
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
@@ -10,9 +21,9 @@ use udm_drivers::validate::validate_request;
 use udm_drivers::{Completion, IoError, IoOp, IoQueue, IoRequest, QueueFull, SgList, SECTOR_SIZE};
 
 use crate::mapped::context::TargetContext;
-use crate::mapped::io_core::{Child, IoCore, INTERNAL, NO_SEGMENT};
+use crate::mapped::io_core::{Child, IoCore, DIRECT, INTERNAL, NO_SEGMENT, PIECE_SEGMENT};
 use crate::mapped::{DeviceShared, QueueShared, GEN_SHIFT, REMOVED, SUSPENDED};
-use crate::table::Table;
+use crate::table::{Table, NOT_DIRECT};
 use crate::target::{DevIndex, MapOutcome, PartId, QueueSetup, TargetIo, TargetQueue};
 use udm_drivers::fixed_ring::FixedRing;
 
@@ -21,6 +32,9 @@ const REAP_BATCH: usize = 64;
 
 const NO_TABLE: IoError = IoError::Rejected { reason: "the device has no live table: load a table and resume it" };
 const REMOVED_ERR: IoError = IoError::DeviceGone { reason: "the mapped device was removed" };
+/// An admission word no device state equals (it would take 2^62 table swaps).
+const NEVER: u64 = u64::MAX;
+
 const BROKEN: IoError =
     IoError::DeviceGone { reason: "a device below the table could not open a queue for this thread" };
 
@@ -31,6 +45,12 @@ pub(crate) struct MappedQueue {
     generation: u64,
     /// Whether `generation` has been loaded at all (a fresh queue loads on first use).
     loaded: bool,
+    /// The device state word under which requests may be started without further
+    /// checks: `generation << GEN_SHIFT` (not suspended, not removed) once that table
+    /// is loaded with queues open below, otherwise a value the state never takes.
+    admit_state: u64,
+    /// Segment of the last pass-through request (checked before use).
+    hint: usize,
     table: Option<Arc<Table>>,
     /// Opening the table's queues failed on this thread: all I/O fails.
     broken: bool,
@@ -49,6 +69,8 @@ impl MappedQueue {
             depth,
             generation: 0,
             loaded: false,
+            admit_state: NEVER,
+            hint: 0,
             table: None,
             broken: false,
             targets: Vec::new(),
@@ -67,8 +89,15 @@ impl MappedQueue {
     /// Loads the live table published with `generation`, reusing the child queues of
     /// devices that stay. Runs only when idle; allocates (once per table change).
     fn switch_table(&mut self, generation: u64) {
+        self.open_table(generation);
+        self.admit_state = if self.table.is_some() && !self.broken { generation << GEN_SHIFT } else { NEVER };
+    }
+
+    /// [`MappedQueue::switch_table`] without the admission word.
+    fn open_table(&mut self, generation: u64) {
         self.generation = generation;
         self.loaded = true;
+        self.hint = 0;
         self.table = self.dev.live.load_full();
         self.targets.clear();
         self.polled.clear();
@@ -151,8 +180,47 @@ impl MappedQueue {
         }
     }
 
-    /// Starts an admitted request (counted by `enter`).
+    /// Starts an admitted request (counted by `enter`): on the pass-through path when it
+    /// can, else on the general one.
+    #[inline]
     fn start(&mut self, req: IoRequest) {
+        if let Some(table) = self.table.as_deref() {
+            if !self.broken && req.op.has_data() && !(table.info.read_only && req.op == IoOp::Write) {
+                // Inside one segment with a direct remap, aligned, and what
+                // `validate_request` would accept (the child checks the buffer length).
+                let sector = req.sector;
+                let hot = match table.hot.get(self.hint) {
+                    Some(h) if h.start <= sector && sector < h.end => h,
+                    _ if sector < table.info.sectors => {
+                        self.hint = table.lookup(sector);
+                        &table.hot[self.hint]
+                    }
+                    _ => return self.start_general(req),
+                };
+                if hot.child != NOT_DIRECT
+                    && req.sectors != 0
+                    && req.sectors <= hot.end - sector
+                    && (sector | req.sectors) & table.block_mask == 0
+                {
+                    let idx = self.io.take_index();
+                    self.io.direct[idx as usize] =
+                        crate::mapped::io_core::DirectEntry { tag: req.tag, segment: self.hint as u32 };
+                    let creq =
+                        IoRequest { sector: sector.wrapping_add(hot.shift), tag: DIRECT | u64::from(idx), ..req };
+                    if self.io.submit_child(hot.child, creq).is_ok() {
+                        return;
+                    }
+                    // The child queue is full: the general path holds the request until
+                    // it has room.
+                    self.io.put_index(idx);
+                }
+            }
+        }
+        self.start_general(req);
+    }
+
+    /// Starts an admitted request on the general path: a slot, pieces, targets' `map`.
+    fn start_general(&mut self, req: IoRequest) {
         let Some(table) = self.table.as_ref() else {
             self.io.fail_unslotted(req.tag, NO_TABLE);
             return;
@@ -180,36 +248,69 @@ impl MappedQueue {
     }
 }
 
-/// Reaps every child with pieces or internal I/O out and routes the completions.
-fn reap_children(table: &Table, io: &mut IoCore, targets: &mut [Box<dyn TargetQueue>], reaped: &mut [Completion]) {
+/// Reaps every child with requests out. Pass-through completions go straight into
+/// `out` (children poll into it, and the caller's tags are put back in place) while it
+/// has room, else into the completion ring; the others are routed to their pieces and
+/// targets. Returns how many completions it left at the front of `out`.
+fn reap_children(
+    table: &Table,
+    io: &mut IoCore,
+    targets: &mut [Box<dyn TargetQueue>],
+    reaped: &mut [Completion],
+    out: &mut [Completion],
+) -> usize {
+    let mut filled = 0;
     for ci in 0..io.children.len() {
         while io.children[ci].outstanding != 0 {
-            let n = io.children[ci].queue.poll(reaped);
+            let direct_room = filled < out.len();
+            let buf: &mut [Completion] = if direct_room { &mut out[filled..] } else { &mut *reaped };
+            let n = io.children[ci].queue.poll(buf);
             if n == 0 {
                 break;
             }
             io.children[ci].outstanding -= n;
-            for &c in &reaped[..n] {
-                route(table, io, targets, ci as u32, c);
+            let mut kept = 0;
+            for i in 0..n {
+                let c = buf[i];
+                if c.tag >> 62 != DIRECT >> 62 {
+                    route(table, io, targets, ci as u32, c);
+                    continue;
+                }
+                let entry = io.direct_done(c.tag as u32);
+                if let Err(e) = c.result {
+                    let segment = entry.segment as usize;
+                    table.segments[segment].target.remap_error(DevIndex(table.hot[segment].dev), e);
+                }
+                let done = Completion { tag: entry.tag, result: c.result };
+                if direct_room {
+                    // `kept <= i`: only entries already read are overwritten.
+                    buf[kept] = done;
+                    kept += 1;
+                } else {
+                    io.done.push(done);
+                }
             }
-            if n < reaped.len() {
+            filled += kept;
+            if n < buf.len() {
                 break;
             }
         }
     }
+    filled
 }
 
-/// Sends one child completion to the piece or target it belongs to.
+/// Sends one child completion of the general path to the piece or target it belongs to.
 #[inline]
 fn route(table: &Table, io: &mut IoCore, targets: &mut [Box<dyn TargetQueue>], child: u32, c: Completion) {
-    let segment = ((c.tag >> 32) & 0x7fff_ffff) as u32;
     if c.tag & INTERNAL != 0 {
+        let segment = ((c.tag >> 32) & 0x7fff_ffff) as u32;
         io.leave();
         let seg = &table.segments[segment as usize];
         let mut ctx = TargetContext { io, dev_map: &seg.dev_map, segment };
         targets[segment as usize].child_done(c.tag as u32, c.result, &mut ctx);
         return;
     }
+    let segment = ((c.tag >> 32) & PIECE_SEGMENT) as u32;
     if let Err(e) = c.result {
         if segment != NO_SEGMENT {
             let seg = &table.segments[segment as usize];
@@ -357,9 +458,19 @@ fn next_piece(table: &Table, s: &crate::mapped::io_core::Slot, slot: u32) -> Opt
 }
 
 impl IoQueue for MappedQueue {
+    #[inline]
     fn submit(&mut self, req: IoRequest) -> Result<(), QueueFull> {
         if self.in_flight() >= self.depth {
             return Err(QueueFull(req));
+        }
+        // The common case needs no fence: this queue's published count is already
+        // non-zero (a suspend cannot finish draining before this request completes),
+        // nothing is held (order), and the state is the one the loaded table was
+        // published under (one load, one compare).
+        if self.io.active() != 0 && self.held.is_empty() && self.dev.state.load(Ordering::Acquire) == self.admit_state {
+            self.io.enter();
+            self.start(req);
+            return Ok(());
         }
         if !self.held.is_empty() {
             self.release_held();
@@ -379,8 +490,10 @@ impl IoQueue for MappedQueue {
     }
 
     fn poll(&mut self, out: &mut [Completion]) -> usize {
+        // Completions already waiting first, then what the children finished.
+        let mut n = self.io.done.drain_into(out);
         if let Some(table) = self.table.as_deref() {
-            reap_children(table, &mut self.io, &mut self.targets, &mut self.reaped);
+            n += reap_children(table, &mut self.io, &mut self.targets, &mut self.reaped, &mut out[n..]);
             if !self.polled.is_empty() {
                 poll_targets(table, &mut self.io, &mut self.targets, &self.polled);
             }
@@ -392,7 +505,7 @@ impl IoQueue for MappedQueue {
             self.release_held();
         }
         self.io.kick_dirty();
-        self.io.done.drain_into(out)
+        n + self.io.done.drain_into(&mut out[n..])
     }
 
     fn in_flight(&self) -> usize {
