@@ -6,8 +6,9 @@
 //! ```text
 //!  bits 63..62 = 00: a piece of request slot `tag as u32`, remapped by segment
 //!                    `(tag >> 32) & 0x3fff_ffff`
-//!  bits 63..62 = 01: a whole request sent straight through (the pass-through path);
-//!                    its caller's tag is in `direct[tag as u32]`
+//!  bits 63..62 = 01: a whole request sent straight through (the pass-through path)
+//!                    by segment `(tag >> 32) & 0x3fff_ffff`; its caller's tag is in
+//!                    `direct[tag as u32]`
 //!  bit  63     = 1:  internal I/O of segment `(tag >> 32) & 0x7fff_ffff`, target token
 //!                    `tag as u32`
 //! ```
@@ -35,15 +36,6 @@ pub(crate) const DIRECT: u64 = 1 << 62;
 pub(crate) const PIECE_SEGMENT: u64 = 0x3fff_ffff;
 /// Segment number used for pieces that belong to no segment (table-wide flushes).
 pub(crate) const NO_SEGMENT: u32 = 0x3fff_ffff;
-
-/// A request in flight on the pass-through path: all the core keeps of it.
-#[derive(Clone, Copy)]
-pub(crate) struct DirectEntry {
-    /// The caller's tag.
-    pub tag: u64,
-    /// Its segment (for the target's `remap_error`).
-    pub segment: u32,
-}
 
 /// One device below, with this thread's queue to it.
 pub(crate) struct Child {
@@ -98,8 +90,9 @@ impl Slot {
 pub(crate) struct IoCore {
     pub children: Vec<Child>,
     pub slots: Box<[Slot]>,
-    /// Requests on the pass-through path, indexed like `slots` (the two share `free`).
-    pub direct: Box<[DirectEntry]>,
+    /// Caller's tags of requests on the pass-through path, indexed like `slots` (the
+    /// two share `free`): all the core keeps of such a request.
+    pub direct: Box<[u64]>,
     free: Vec<u32>,
     pub done: CompletionRing,
     /// Slots whose next piece waits for room in a child queue.
@@ -114,7 +107,7 @@ impl IoCore {
         IoCore {
             children: Vec::new(),
             slots: vec![Slot::EMPTY; depth].into_boxed_slice(),
-            direct: vec![DirectEntry { tag: 0, segment: 0 }; depth].into_boxed_slice(),
+            direct: vec![0; depth].into_boxed_slice(),
             free: (0..depth as u32).rev().collect(),
             done: completion_ring(depth),
             blocked: FixedRing::new(depth, 0),
@@ -168,9 +161,9 @@ impl IoCore {
     }
 
     /// A request on the pass-through path finished: frees its index and gives back the
-    /// caller's tag and the segment.
+    /// caller's tag.
     #[inline]
-    pub fn direct_done(&mut self, idx: u32) -> DirectEntry {
+    pub fn direct_done(&mut self, idx: u32) -> u64 {
         let entry = self.direct[idx as usize];
         self.free.push(idx);
         self.leave();
@@ -231,7 +224,7 @@ impl IoCore {
     }
 
     /// Submits to child `child`; counts it for reaping and kicking.
-    #[inline]
+    #[inline(always)]
     pub fn submit_child(&mut self, child: u32, req: IoRequest) -> Result<(), QueueFull> {
         let c = &mut self.children[child as usize];
         c.queue.submit(req)?;

@@ -23,7 +23,7 @@ use udm_drivers::{Completion, IoError, IoOp, IoQueue, IoRequest, QueueFull, SgLi
 use crate::mapped::context::TargetContext;
 use crate::mapped::io_core::{Child, IoCore, DIRECT, INTERNAL, NO_SEGMENT, PIECE_SEGMENT};
 use crate::mapped::{DeviceShared, QueueShared, GEN_SHIFT, REMOVED, SUSPENDED};
-use crate::table::{Table, NOT_DIRECT};
+use crate::table::{HotSegment, Table, NOT_DIRECT};
 use crate::target::{DevIndex, MapOutcome, PartId, QueueSetup, TargetIo, TargetQueue};
 use udm_drivers::fixed_ring::FixedRing;
 
@@ -32,6 +32,9 @@ const REAP_BATCH: usize = 64;
 
 const NO_TABLE: IoError = IoError::Rejected { reason: "the device has no live table: load a table and resume it" };
 const REMOVED_ERR: IoError = IoError::DeviceGone { reason: "the mapped device was removed" };
+/// `MappedQueue::last` before any pass-through request: holds no sector.
+const NO_SEGMENT_YET: HotSegment = HotSegment { start: 0, end: 0, shift: 0, child: NOT_DIRECT, dev: 0 };
+
 /// An admission word no device state equals (it would take 2^62 table swaps).
 const NEVER: u64 = u64::MAX;
 
@@ -49,8 +52,15 @@ pub(crate) struct MappedQueue {
     /// checks: `generation << GEN_SHIFT` (not suspended, not removed) once that table
     /// is loaded with queues open below, otherwise a value the state never takes.
     admit_state: u64,
-    /// Segment of the last pass-through request (checked before use).
-    hint: usize,
+    /// A copy of the segment of the last pass-through request, so that the next one
+    /// to the same segment reads nothing outside this queue (`end == 0`: none yet).
+    last: HotSegment,
+    /// Its index in the table.
+    last_index: u32,
+    /// Logical block size of the table in sectors, minus one (see [`Table`]).
+    block_mask: u64,
+    /// The table takes writes.
+    writable: bool,
     table: Option<Arc<Table>>,
     /// Opening the table's queues failed on this thread: all I/O fails.
     broken: bool,
@@ -70,7 +80,10 @@ impl MappedQueue {
             generation: 0,
             loaded: false,
             admit_state: NEVER,
-            hint: 0,
+            last: NO_SEGMENT_YET,
+            last_index: 0,
+            block_mask: u64::MAX,
+            writable: false,
             table: None,
             broken: false,
             targets: Vec::new(),
@@ -97,8 +110,12 @@ impl MappedQueue {
     fn open_table(&mut self, generation: u64) {
         self.generation = generation;
         self.loaded = true;
-        self.hint = 0;
+        self.last = NO_SEGMENT_YET;
         self.table = self.dev.live.load_full();
+        if let Some(t) = self.table.as_deref() {
+            self.block_mask = t.block_mask;
+            self.writable = !t.info.read_only;
+        }
         self.targets.clear();
         self.polled.clear();
         self.broken = false;
@@ -182,44 +199,52 @@ impl MappedQueue {
 
     /// Starts an admitted request (counted by `enter`): on the pass-through path when it
     /// can, else on the general one.
-    #[inline]
+    #[inline(always)]
     fn start(&mut self, req: IoRequest) {
-        if let Some(table) = self.table.as_deref() {
-            if !self.broken && req.op.has_data() && !(table.info.read_only && req.op == IoOp::Write) {
-                // Inside one segment with a direct remap, aligned, and what
-                // `validate_request` would accept (the child checks the buffer length).
-                let sector = req.sector;
-                let hot = match table.hot.get(self.hint) {
-                    Some(h) if h.start <= sector && sector < h.end => h,
-                    _ if sector < table.info.sectors => {
-                        self.hint = table.lookup(sector);
-                        &table.hot[self.hint]
-                    }
-                    _ => return self.start_general(req),
-                };
-                if hot.child != NOT_DIRECT
-                    && req.sectors != 0
-                    && req.sectors <= hot.end - sector
-                    && (sector | req.sectors) & table.block_mask == 0
-                {
-                    let idx = self.io.take_index();
-                    self.io.direct[idx as usize] =
-                        crate::mapped::io_core::DirectEntry { tag: req.tag, segment: self.hint as u32 };
-                    let creq =
-                        IoRequest { sector: sector.wrapping_add(hot.shift), tag: DIRECT | u64::from(idx), ..req };
-                    if self.io.submit_child(hot.child, creq).is_ok() {
-                        return;
-                    }
-                    // The child queue is full: the general path holds the request until
-                    // it has room.
-                    self.io.put_index(idx);
+        let sector = req.sector;
+        if req.op.has_data()
+            && (self.writable || req.op == IoOp::Read)
+            && ((self.last.start <= sector && sector < self.last.end) || self.find_segment(sector))
+        {
+            // Inside one segment with a direct remap, aligned, and what `validate_request`
+            // would accept (the child checks the buffer length against the sectors).
+            let hot = self.last;
+            if hot.child != NOT_DIRECT
+                && req.sectors != 0
+                && req.sectors <= hot.end - sector
+                && (sector | req.sectors) & self.block_mask == 0
+            {
+                let idx = self.io.take_index();
+                self.io.direct[idx as usize] = req.tag;
+                let tag = DIRECT | (u64::from(self.last_index) << 32) | u64::from(idx);
+                let creq = IoRequest { sector: sector.wrapping_add(hot.shift), tag, ..req };
+                if self.io.submit_child(hot.child, creq).is_ok() {
+                    return;
                 }
+                // The child queue is full: the general path holds the request until it
+                // has room.
+                self.io.put_index(idx);
             }
         }
         self.start_general(req);
     }
 
+    /// Makes the segment holding `sector` the one `start` checks first; false when
+    /// there is none (no table, a broken queue, or `sector` past the end).
+    #[inline(never)]
+    fn find_segment(&mut self, sector: u64) -> bool {
+        let Some(table) = self.table.as_deref() else { return false };
+        if self.broken || sector >= table.info.sectors {
+            return false;
+        }
+        let index = table.lookup(sector);
+        self.last = table.hot[index];
+        self.last_index = index as u32;
+        true
+    }
+
     /// Starts an admitted request on the general path: a slot, pieces, targets' `map`.
+    #[inline(never)]
     fn start_general(&mut self, req: IoRequest) {
         let Some(table) = self.table.as_ref() else {
             self.io.fail_unslotted(req.tag, NO_TABLE);
@@ -235,6 +260,23 @@ impl MappedQueue {
         }
         let slot = self.io.alloc(req);
         issue(table, &mut self.targets, &mut self.io, slot);
+    }
+
+    /// Submission when the one-compare admission of `submit` does not apply: the queue
+    /// is idle (the Dekker fence), holds requests, or the device state changed.
+    #[cold]
+    #[inline(never)]
+    fn submit_slow(&mut self, req: IoRequest) {
+        if !self.held.is_empty() {
+            self.release_held();
+            if !self.held.is_empty() {
+                self.held.push(req);
+                return;
+            }
+        }
+        if let Err(req) = self.try_admit(req) {
+            self.held.push(req);
+        }
     }
 
     /// Admits held requests in order while the device admits.
@@ -271,23 +313,26 @@ fn reap_children(
             io.children[ci].outstanding -= n;
             let mut kept = 0;
             for i in 0..n {
-                let c = buf[i];
-                if c.tag >> 62 != DIRECT >> 62 {
-                    route(table, io, targets, ci as u32, c);
+                let tag = buf[i].tag;
+                if tag >> 62 != DIRECT >> 62 {
+                    route(table, io, targets, ci as u32, buf[i]);
                     continue;
                 }
-                let entry = io.direct_done(c.tag as u32);
-                if let Err(e) = c.result {
-                    let segment = entry.segment as usize;
+                let caller_tag = io.direct_done(tag as u32);
+                if let Err(e) = buf[i].result {
+                    let segment = ((tag >> 32) & PIECE_SEGMENT) as usize;
                     table.segments[segment].target.remap_error(DevIndex(table.hot[segment].dev), e);
                 }
-                let done = Completion { tag: entry.tag, result: c.result };
                 if direct_room {
-                    // `kept <= i`: only entries already read are overwritten.
-                    buf[kept] = done;
+                    // In place: only the tag changes (no copy of the result through the
+                    // stack). `kept <= i`: only entries already read are overwritten.
+                    if kept != i {
+                        buf[kept] = buf[i];
+                    }
+                    buf[kept].tag = caller_tag;
                     kept += 1;
                 } else {
-                    io.done.push(done);
+                    io.done.push(Completion { tag: caller_tag, result: buf[i].result });
                 }
             }
             filled += kept;
@@ -472,16 +517,7 @@ impl IoQueue for MappedQueue {
             self.start(req);
             return Ok(());
         }
-        if !self.held.is_empty() {
-            self.release_held();
-            if !self.held.is_empty() {
-                self.held.push(req);
-                return Ok(());
-            }
-        }
-        if let Err(req) = self.try_admit(req) {
-            self.held.push(req);
-        }
+        self.submit_slow(req);
         Ok(())
     }
 
