@@ -37,7 +37,12 @@ pub(crate) const PIECE_SEGMENT: u64 = 0x3fff_ffff;
 /// Segment number used for pieces that belong to no segment (table-wide flushes).
 pub(crate) const NO_SEGMENT: u32 = 0x3fff_ffff;
 
-/// One device below, with this thread's queue to it.
+/// No free index.
+const NO_INDEX: u32 = u32::MAX;
+
+/// One device below, with this thread's queue to it (one cache line: the pass-through
+/// path touches nothing else of it).
+#[repr(align(64))]
 pub(crate) struct Child {
     pub id: DeviceId,
     pub device: Arc<dyn BlockDevice>,
@@ -87,18 +92,23 @@ impl Slot {
 }
 
 /// Slots, children, completions and the published in-flight count of one queue.
+/// `repr(C)`: what the pass-through path reads fills the first cache line.
+#[repr(C)]
 pub(crate) struct IoCore {
-    pub children: Vec<Child>,
-    pub slots: Box<[Slot]>,
-    /// Caller's tags of requests on the pass-through path, indexed like `slots` (the
-    /// two share `free`): all the core keeps of such a request.
-    pub direct: Box<[u64]>,
-    free: Vec<u32>,
-    pub done: CompletionRing,
-    /// Slots whose next piece waits for room in a child queue.
-    pub blocked: FixedRing<u32>,
+    /// Per index (shared by `slots` and the pass-through path): the caller's tag of a
+    /// pass-through request in flight — all the core keeps of one — or, while the index
+    /// is free, the next free index. Taking and freeing an index touches one entry.
+    links: Box<[u64]>,
+    /// First free index, or `NO_INDEX`.
+    free_head: u32,
+    free_count: usize,
     /// Admitted requests not finished plus internal I/O in flight (published).
     active: usize,
+    pub children: Vec<Child>,
+    pub done: CompletionRing,
+    pub slots: Box<[Slot]>,
+    /// Slots whose next piece waits for room in a child queue.
+    pub blocked: FixedRing<u32>,
     shared: Arc<QueueShared>,
 }
 
@@ -107,8 +117,11 @@ impl IoCore {
         IoCore {
             children: Vec::new(),
             slots: vec![Slot::EMPTY; depth].into_boxed_slice(),
-            direct: vec![0; depth].into_boxed_slice(),
-            free: (0..depth as u32).rev().collect(),
+            links: (1..=depth as u64)
+                .map(|next| if next == depth as u64 { u64::from(NO_INDEX) } else { next })
+                .collect(),
+            free_head: 0,
+            free_count: depth,
             done: completion_ring(depth),
             blocked: FixedRing::new(depth, 0),
             active: 0,
@@ -119,7 +132,13 @@ impl IoCore {
     /// Requests holding a slot.
     #[inline]
     pub fn slots_in_use(&self) -> usize {
-        self.slots.len() - self.free.len()
+        self.slots.len() - self.free_count
+    }
+
+    /// Indexes free (for requests of either path).
+    #[inline]
+    pub fn free_count(&self) -> usize {
+        self.free_count
     }
 
     #[inline]
@@ -149,23 +168,37 @@ impl IoCore {
     }
 
     /// Takes a free slot index (the caller checked there is room).
-    #[inline]
+    #[inline(always)]
     pub fn take_index(&mut self) -> u32 {
-        self.free.pop().expect("a free slot: in-flight requests are bounded by the depth")
+        let idx = self.free_head;
+        assert!(idx != NO_INDEX, "a free slot: in-flight requests are bounded by the depth");
+        self.free_head = self.links[idx as usize] as u32;
+        self.free_count -= 1;
+        idx
+    }
+
+    /// Takes a free index for a pass-through request with the caller's tag `tag`.
+    #[inline(always)]
+    pub fn take_direct(&mut self, tag: u64) -> u32 {
+        let idx = self.take_index();
+        self.links[idx as usize] = tag;
+        idx
     }
 
     /// Returns an index from [`IoCore::take_index`] unused.
     #[inline]
     pub fn put_index(&mut self, idx: u32) {
-        self.free.push(idx);
+        self.links[idx as usize] = u64::from(self.free_head);
+        self.free_head = idx;
+        self.free_count += 1;
     }
 
     /// A request on the pass-through path finished: frees its index and gives back the
     /// caller's tag.
     #[inline]
     pub fn direct_done(&mut self, idx: u32) -> u64 {
-        let entry = self.direct[idx as usize];
-        self.free.push(idx);
+        let entry = self.links[idx as usize];
+        self.put_index(idx);
         self.leave();
         entry
     }
@@ -219,7 +252,7 @@ impl IoCore {
             None => Ok(()),
         };
         self.done.push(Completion { tag: s.req.tag, result });
-        self.free.push(slot);
+        self.put_index(slot);
         self.leave();
     }
 

@@ -41,34 +41,37 @@ const NEVER: u64 = u64::MAX;
 const BROKEN: IoError =
     IoError::DeviceGone { reason: "a device below the table could not open a queue for this thread" };
 
+/// `repr(C)`: the fields the pass-through path reads come first, so that with `io` and
+/// `held` (the next two lines) it touches three cache lines of the queue.
+#[repr(C)]
 pub(crate) struct MappedQueue {
+    /// A copy of the segment of the last pass-through request, so that the next one
+    /// to the same segment reads nothing outside this queue (`end == 0`: none yet).
+    last: HotSegment,
+    /// The device state word under which requests may be started without further
+    /// checks: `generation << GEN_SHIFT` (not suspended, not removed) once that table
+    /// is loaded with queues open below, otherwise a value the state never takes.
+    admit_state: u64,
     dev: Arc<DeviceShared>,
+    /// Logical block size of the table in sectors, minus one (see [`Table`]).
+    block_mask: u64,
+    /// Index of `last` in the table.
+    last_index: u32,
+    /// The table takes writes.
+    writable: bool,
+    io: IoCore,
+    held: FixedRing<IoRequest>,
     depth: usize,
     /// The generation of `table`.
     generation: u64,
     /// Whether `generation` has been loaded at all (a fresh queue loads on first use).
     loaded: bool,
-    /// The device state word under which requests may be started without further
-    /// checks: `generation << GEN_SHIFT` (not suspended, not removed) once that table
-    /// is loaded with queues open below, otherwise a value the state never takes.
-    admit_state: u64,
-    /// A copy of the segment of the last pass-through request, so that the next one
-    /// to the same segment reads nothing outside this queue (`end == 0`: none yet).
-    last: HotSegment,
-    /// Its index in the table.
-    last_index: u32,
-    /// Logical block size of the table in sectors, minus one (see [`Table`]).
-    block_mask: u64,
-    /// The table takes writes.
-    writable: bool,
     table: Option<Arc<Table>>,
     /// Opening the table's queues failed on this thread: all I/O fails.
     broken: bool,
     targets: Vec<Box<dyn TargetQueue>>,
     /// Segments whose target queue wants every poll.
     polled: Vec<u32>,
-    io: IoCore,
-    held: FixedRing<IoRequest>,
     reaped: Box<[Completion]>,
 }
 
@@ -214,8 +217,7 @@ impl MappedQueue {
                 && req.sectors <= hot.end - sector
                 && (sector | req.sectors) & self.block_mask == 0
             {
-                let idx = self.io.take_index();
-                self.io.direct[idx as usize] = req.tag;
+                let idx = self.io.take_direct(req.tag);
                 let tag = DIRECT | (u64::from(self.last_index) << 32) | u64::from(idx);
                 let creq = IoRequest { sector: sector.wrapping_add(hot.shift), tag, ..req };
                 if self.io.submit_child(hot.child, creq).is_ok() {
@@ -266,17 +268,21 @@ impl MappedQueue {
     /// is idle (the Dekker fence), holds requests, or the device state changed.
     #[cold]
     #[inline(never)]
-    fn submit_slow(&mut self, req: IoRequest) {
+    fn submit_slow(&mut self, req: IoRequest) -> Result<(), QueueFull> {
+        if self.in_flight() >= self.depth {
+            return Err(QueueFull(req));
+        }
         if !self.held.is_empty() {
             self.release_held();
             if !self.held.is_empty() {
                 self.held.push(req);
-                return;
+                return Ok(());
             }
         }
         if let Err(req) = self.try_admit(req) {
             self.held.push(req);
         }
+        Ok(())
     }
 
     /// Admits held requests in order while the device admits.
@@ -505,20 +511,21 @@ fn next_piece(table: &Table, s: &crate::mapped::io_core::Slot, slot: u32) -> Opt
 impl IoQueue for MappedQueue {
     #[inline]
     fn submit(&mut self, req: IoRequest) -> Result<(), QueueFull> {
-        if self.in_flight() >= self.depth {
-            return Err(QueueFull(req));
-        }
         // The common case needs no fence: this queue's published count is already
         // non-zero (a suspend cannot finish draining before this request completes),
         // nothing is held (order), and the state is the one the loaded table was
-        // published under (one load, one compare).
-        if self.io.active() != 0 && self.held.is_empty() && self.dev.state.load(Ordering::Acquire) == self.admit_state {
+        // published under (one load, one compare). With nothing held, there is room
+        // (`in_flight() < depth`) when more indexes are free than completions wait.
+        if self.io.active() != 0
+            && self.held.is_empty()
+            && self.io.free_count() > self.io.done.len()
+            && self.dev.state.load(Ordering::Acquire) == self.admit_state
+        {
             self.io.enter();
             self.start(req);
             return Ok(());
         }
-        self.submit_slow(req);
-        Ok(())
+        self.submit_slow(req)
     }
 
     fn kick(&mut self) {
