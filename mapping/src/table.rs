@@ -37,8 +37,6 @@ pub(crate) struct HotSegment {
     /// Child queue (index into [`Table::devices`]) of direct reads and writes, or
     /// [`NOT_DIRECT`] when the target maps them itself.
     pub child: u32,
-    /// The target's [`crate::target::DevIndex`] of that child, for `remap_error`.
-    pub dev: u16,
 }
 
 /// [`HotSegment::child`] of a segment without [`crate::target::Target::direct_remap`].
@@ -131,7 +129,6 @@ impl Table {
                 end: b.start + b.length,
                 shift: direct.map_or(0, |d| d.start.wrapping_sub(b.start)),
                 child: direct.map_or(NOT_DIRECT, |d| dev_map[d.dev.0 as usize]),
-                dev: direct.map_or(0, |d| d.dev.0),
             });
             segments.push(Segment {
                 start: b.start,

@@ -199,9 +199,10 @@ pub trait Target: Send + Sync {
     /// A mapping of reads and writes that is a fixed shift onto one device, for the
     /// core's pass-through path: a read or write that lies inside the segment goes to
     /// `dev` at `start + offset` without a call to [`TargetQueue::map`], and completes
-    /// straight back to the submitter ([`Target::remap_error`] still hears of failures).
-    /// Only for targets whose `map` would answer exactly that `Remap` for every read and
-    /// write, from any thread, at any time, with no [`Target::split_boundary`] (`linear`).
+    /// straight back to the submitter (failures included: [`Target::remap_error`] does
+    /// not hear of them). Only for targets whose `map` would answer exactly that `Remap`
+    /// for every read and write, from any thread, at any time, with no
+    /// [`Target::split_boundary`] and nothing to learn from errors (`linear`).
     /// Asked once, when the table is built; flushes, discards and write-zeroes still go
     /// through `map`.
     fn direct_remap(&self) -> Option<DirectRemap> {

@@ -104,21 +104,26 @@ fn pass_through_and_split_requests_land_in_place_with_the_callers_tags_once() {
     let vol = reg.device("vol").unwrap();
     let mut q = vol.open_queue(8).unwrap();
     // Inside d0's segment, inside d1's, across the two (split), across into zero; tags
-    // use the bits the core uses for its own child tags.
+    // use the bits the core uses for its own child tags. Two orders: pass-through
+    // requests first (they go below with the caller's tag, and the split pieces wait
+    // for them), and split ones first (the pass-through ones then take core tags).
     let writes = [(0u64, 8u64, u64::MAX), (56, 8, 1 << 62), (64, 16, 1 << 63), (60, 8, 3 << 62), (120, 16, 0)];
     let bufs: Vec<Buf> = writes.iter().map(|&(s, n, _)| Buf::new(pattern(s, 1, n))).collect();
-    for (&(sector, _, tag), buf) in writes.iter().zip(&bufs) {
-        q.submit(IoRequest::write(sector, buf.sg(), tag)).unwrap();
-    }
-    q.kick();
-    let done = reap_one_at_a_time(q.as_mut(), writes.len());
-    let mut tags: Vec<u64> = done.iter().map(|c| c.tag).collect();
-    tags.sort_unstable();
-    let mut want: Vec<u64> = writes.iter().map(|w| w.2).collect();
-    want.sort_unstable();
-    assert_eq!(tags, want, "each caller tag exactly once");
-    for c in &done {
-        assert_eq!(c.result, Ok(()), "tag {:#x}", c.tag);
+    for order in [[0usize, 1, 2, 3, 4], [3, 4, 0, 1, 2]] {
+        for i in order {
+            let (sector, _, tag) = writes[i];
+            q.submit(IoRequest::write(sector, bufs[i].sg(), tag)).unwrap();
+        }
+        q.kick();
+        let done = reap_one_at_a_time(q.as_mut(), writes.len());
+        let mut tags: Vec<u64> = done.iter().map(|c| c.tag).collect();
+        tags.sort_unstable();
+        let mut want: Vec<u64> = writes.iter().map(|w| w.2).collect();
+        want.sort_unstable();
+        assert_eq!(tags, want, "each caller tag exactly once");
+        for c in &done {
+            assert_eq!(c.result, Ok(()), "tag {:#x}", c.tag);
+        }
     }
     // Where the bytes went: vol 0..64 -> d0 100..164, vol 64..128 -> d1 8..72. The
     // write at 60 came after the one at 56 and the one at 64 in submission order but

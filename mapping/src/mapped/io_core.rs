@@ -6,12 +6,14 @@
 //! ```text
 //!  bits 63..62 = 00: a piece of request slot `tag as u32`, remapped by segment
 //!                    `(tag >> 32) & 0x3fff_ffff`
-//!  bits 63..62 = 01: a whole request sent straight through (the pass-through path)
-//!                    by segment `(tag >> 32) & 0x3fff_ffff`; its caller's tag is in
-//!                    `direct[tag as u32]`
+//!  bits 63..62 = 01: a whole request sent straight through (the pass-through path);
+//!                    its caller's tag is in `links[tag as u32]`
 //!  bit  63     = 1:  internal I/O of segment `(tag >> 32) & 0x7fff_ffff`, target token
 //!                    `tag as u32`
 //! ```
+//! except that a child with none of those outstanding takes pass-through requests with
+//! their caller's tag unchanged ([`Child::raw`]): its completions then go back to the
+//! caller as they are, counted but not inspected.
 //!
 //! # The published in-flight count
 //! `active` counts admitted requests not finished plus internal I/O in flight. The
@@ -49,6 +51,13 @@ pub(crate) struct Child {
     pub queue: Box<dyn IoQueue>,
     /// Requests submitted to `queue` and not yet reaped.
     pub outstanding: usize,
+    /// How many of them carry their caller's own tag (pass-through requests sent while
+    /// nothing with a core tag was outstanding). Never both kinds at once: while any
+    /// are, every completion of this child is one of them, and none needs looking at.
+    pub raw: usize,
+    /// A request with a core tag found raw ones outstanding: send no more raw ones
+    /// until a core-tagged request gets through (so that it cannot starve).
+    pub want_tagged: bool,
     /// Submitted to since the last kick.
     pub dirty: bool,
 }
@@ -102,6 +111,8 @@ pub(crate) struct IoCore {
     /// First free index, or `NO_INDEX`.
     free_head: u32,
     free_count: usize,
+    /// Pass-through requests in flight with their caller's tag (no index).
+    raw_in_flight: usize,
     /// Admitted requests not finished plus internal I/O in flight (published).
     active: usize,
     pub children: Vec<Child>,
@@ -122,6 +133,7 @@ impl IoCore {
                 .collect(),
             free_head: 0,
             free_count: depth,
+            raw_in_flight: 0,
             done: completion_ring(depth),
             blocked: FixedRing::new(depth, 0),
             active: 0,
@@ -129,16 +141,16 @@ impl IoCore {
         }
     }
 
-    /// Requests holding a slot.
+    /// Requests holding a slot or an index, or in flight with their caller's tag.
     #[inline]
-    pub fn slots_in_use(&self) -> usize {
-        self.slots.len() - self.free_count
+    pub fn requests_in_use(&self) -> usize {
+        self.slots.len() - self.free_count + self.raw_in_flight
     }
 
-    /// Indexes free (for requests of either path).
+    /// Whether one more request fits beside `waiting` completions not yet delivered.
     #[inline]
-    pub fn free_count(&self) -> usize {
-        self.free_count
+    pub fn has_room(&self, waiting: usize) -> bool {
+        self.free_count > waiting + self.raw_in_flight
     }
 
     #[inline]
@@ -256,14 +268,49 @@ impl IoCore {
         self.leave();
     }
 
-    /// Submits to child `child`; counts it for reaping and kicking.
+    /// Submits to child `child` a request with a core tag; counts it for reaping and
+    /// kicking. Refused as full while the child has requests with caller's tags out.
     #[inline(always)]
     pub fn submit_child(&mut self, child: u32, req: IoRequest) -> Result<(), QueueFull> {
         let c = &mut self.children[child as usize];
+        if c.raw != 0 {
+            c.want_tagged = true;
+            return Err(QueueFull(req));
+        }
         c.queue.submit(req)?;
+        c.want_tagged = false;
         c.outstanding += 1;
         c.dirty = true;
         Ok(())
+    }
+
+    /// Submits an admitted pass-through request with its caller's tag when child
+    /// `child` takes one (see [`Child::raw`]); hands it back otherwise.
+    #[inline(always)]
+    pub fn submit_raw(&mut self, child: u32, req: IoRequest) -> Result<(), IoRequest> {
+        let c = &mut self.children[child as usize];
+        if c.outstanding != c.raw || c.want_tagged {
+            return Err(req);
+        }
+        c.queue.submit(req).map_err(|QueueFull(r)| r)?;
+        c.raw += 1;
+        c.outstanding += 1;
+        c.dirty = true;
+        self.raw_in_flight += 1;
+        Ok(())
+    }
+
+    /// `n` requests with caller's tags came back from child `child`.
+    #[inline]
+    pub fn raw_done(&mut self, child: usize, n: usize) {
+        let c = &mut self.children[child];
+        c.raw -= n;
+        c.outstanding -= n;
+        self.raw_in_flight -= n;
+        self.active -= n;
+        if self.active == 0 {
+            self.shared.active.store(0, Ordering::Release);
+        }
     }
 
     /// Submits a target's internal I/O; it counts as work in flight for suspend.

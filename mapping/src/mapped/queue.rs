@@ -33,7 +33,7 @@ const REAP_BATCH: usize = 64;
 const NO_TABLE: IoError = IoError::Rejected { reason: "the device has no live table: load a table and resume it" };
 const REMOVED_ERR: IoError = IoError::DeviceGone { reason: "the mapped device was removed" };
 /// `MappedQueue::last` before any pass-through request: holds no sector.
-const NO_SEGMENT_YET: HotSegment = HotSegment { start: 0, end: 0, shift: 0, child: NOT_DIRECT, dev: 0 };
+const NO_SEGMENT_YET: HotSegment = HotSegment { start: 0, end: 0, shift: 0, child: NOT_DIRECT };
 
 /// An admission word no device state equals (it would take 2^62 table swaps).
 const NEVER: u64 = u64::MAX;
@@ -55,8 +55,6 @@ pub(crate) struct MappedQueue {
     dev: Arc<DeviceShared>,
     /// Logical block size of the table in sectors, minus one (see [`Table`]).
     block_mask: u64,
-    /// Index of `last` in the table.
-    last_index: u32,
     /// The table takes writes.
     writable: bool,
     io: IoCore,
@@ -84,7 +82,6 @@ impl MappedQueue {
             loaded: false,
             admit_state: NEVER,
             last: NO_SEGMENT_YET,
-            last_index: 0,
             block_mask: u64::MAX,
             writable: false,
             table: None,
@@ -135,6 +132,8 @@ impl MappedQueue {
                     device: Arc::clone(&d.device),
                     queue,
                     outstanding: 0,
+                    raw: 0,
+                    want_tagged: false,
                     dirty: false,
                 }),
                 Err(e) => {
@@ -217,9 +216,11 @@ impl MappedQueue {
                 && req.sectors <= hot.end - sector
                 && (sector | req.sectors) & self.block_mask == 0
             {
+                let creq = IoRequest { sector: sector.wrapping_add(hot.shift), ..req };
+                let Err(req) = self.io.submit_raw(hot.child, creq) else { return };
+                let req = IoRequest { sector, ..req };
                 let idx = self.io.take_direct(req.tag);
-                let tag = DIRECT | (u64::from(self.last_index) << 32) | u64::from(idx);
-                let creq = IoRequest { sector: sector.wrapping_add(hot.shift), tag, ..req };
+                let creq = IoRequest { sector: sector.wrapping_add(hot.shift), tag: DIRECT | u64::from(idx), ..req };
                 if self.io.submit_child(hot.child, creq).is_ok() {
                     return;
                 }
@@ -241,7 +242,6 @@ impl MappedQueue {
         }
         let index = table.lookup(sector);
         self.last = table.hot[index];
-        self.last_index = index as u32;
         true
     }
 
@@ -312,9 +312,25 @@ fn reap_children(
         while io.children[ci].outstanding != 0 {
             let direct_room = filled < out.len();
             let buf: &mut [Completion] = if direct_room { &mut out[filled..] } else { &mut *reaped };
+            let raw = io.children[ci].raw != 0;
             let n = io.children[ci].queue.poll(buf);
             if n == 0 {
                 break;
+            }
+            if raw {
+                // Every completion of this child carries its caller's tag.
+                io.raw_done(ci, n);
+                if direct_room {
+                    filled += n;
+                } else {
+                    for &c in &buf[..n] {
+                        io.done.push(c);
+                    }
+                }
+                if n < buf.len() {
+                    break;
+                }
+                continue;
             }
             io.children[ci].outstanding -= n;
             let mut kept = 0;
@@ -325,10 +341,6 @@ fn reap_children(
                     continue;
                 }
                 let caller_tag = io.direct_done(tag as u32);
-                if let Err(e) = buf[i].result {
-                    let segment = ((tag >> 32) & PIECE_SEGMENT) as usize;
-                    table.segments[segment].target.remap_error(DevIndex(table.hot[segment].dev), e);
-                }
                 if direct_room {
                     // In place: only the tag changes (no copy of the result through the
                     // stack). `kept <= i`: only entries already read are overwritten.
@@ -514,11 +526,11 @@ impl IoQueue for MappedQueue {
         // The common case needs no fence: this queue's published count is already
         // non-zero (a suspend cannot finish draining before this request completes),
         // nothing is held (order), and the state is the one the loaded table was
-        // published under (one load, one compare). With nothing held, there is room
-        // (`in_flight() < depth`) when more indexes are free than completions wait.
+        // published under (one load, one compare); with nothing held, `has_room` is
+        // `in_flight() < depth`.
         if self.io.active() != 0
             && self.held.is_empty()
-            && self.io.free_count() > self.io.done.len()
+            && self.io.has_room(self.io.done.len())
             && self.dev.state.load(Ordering::Acquire) == self.admit_state
         {
             self.io.enter();
@@ -552,7 +564,7 @@ impl IoQueue for MappedQueue {
     }
 
     fn in_flight(&self) -> usize {
-        self.io.slots_in_use() + self.held.len() + self.io.done.len()
+        self.io.requests_in_use() + self.held.len() + self.io.done.len()
     }
 
     fn depth(&self) -> usize {
