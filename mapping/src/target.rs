@@ -39,6 +39,10 @@
 //! 3. The pieces of one request complete as one [`udm_drivers::Completion`] (the first
 //!    error wins), delivered by the mapped queue's `poll`.
 //!
+//! A read or write inside one segment whose target declares a [`Target::direct_remap`]
+//! (`linear`) skips all of this: the core shifts its sector and sends it to the device
+//! as it is, and its completion goes straight back to the submitter.
+//!
 //! # Threads and state
 //! * `Arc<dyn Target>` is the per-table-instance state, shared by every thread (put
 //!   cross-thread structures here: an exception table, a pending-copy map, counters).
