@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use udm_drivers::{BlockDevice, DeviceInfo, MemoryRegion};
 
+use crate::segment_index::SegmentIndex;
 use crate::table_text::format_line;
 use crate::target::{DeviceId, FlushPolicy, SharedName, Target, TargetDevice};
 
@@ -51,7 +52,7 @@ pub(crate) struct TableDevice {
 
 /// An immutable table. Shared by the registry and every queue that uses it.
 pub struct Table {
-    starts: Box<[u64]>,
+    index: SegmentIndex,
     pub(crate) hot: Box<[HotSegment]>,
     /// Logical block size in sectors, minus one: direct requests must be aligned to it.
     pub(crate) block_mask: u64,
@@ -148,9 +149,9 @@ impl Table {
         } else if info.max_discard_sectors == u64::MAX {
             info.max_discard_sectors = u32::MAX as u64;
         }
-        let starts = segments.iter().map(|s| s.start).collect();
+        let index = SegmentIndex::new(segments.iter().map(|s| s.start).collect());
         Table {
-            starts,
+            index,
             hot: hot.into_boxed_slice(),
             block_mask: block_mask(info.logical_block_size),
             segments: segments.into_boxed_slice(),
@@ -161,11 +162,11 @@ impl Table {
         }
     }
 
-    /// The segment holding `sector` (which must be below [`Table::sectors`]): a binary
-    /// search over the segment starts.
+    /// The segment holding `sector` (which must be below [`Table::sectors`]): a
+    /// two-level binary search over the segment starts (see `segment_index`).
     #[inline]
     pub fn lookup(&self, sector: u64) -> usize {
-        self.starts.partition_point(|&s| s <= sector) - 1
+        self.index.find(sector)
     }
 
     /// Size in sectors: the sum of the segment lengths.
