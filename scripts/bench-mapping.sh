@@ -22,9 +22,15 @@ trap 'rm -rf "$T"' EXIT
 echo "0 2097152 linear disk0 0" >"$T/linear.table"
 echo "0 2097152 striped 4 128 s0 0 s1 0 s2 0 s3 0" >"$T/striped.table"
 
-# Prints "IOPS CPU" of one run.
+# Prints "IOPS CPU" of one run; warns on stderr when the run took much longer than
+# TIME (a thread that got no CPU for a while: its IOPS are meaningless) or failed.
 iops() { RUST_LOG=error "$UDM" bench "$@" --rw randread --bs 4k --time "$TIME" --json |
-  python3 -c "import json,sys; r=json.load(sys.stdin); print(r['iops'], (r['cpu']['user_s']+r['cpu']['sys_s'])/r['seconds'])"; }
+  python3 -c "
+import json, sys
+r = json.load(sys.stdin)
+if r['seconds'] > 1.5 * $TIME or r['failure']:
+    print(f'warning: run of {r[\"seconds\"]:.1f} s, failure {r[\"failure\"]}: $*', file=sys.stderr)
+print(r['iops'], (r['cpu']['user_s'] + r['cpu']['sys_s']) / r['seconds'])"; }
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 
 echo "Run of $(date -u '+%F %H:%M UTC'), load average $(cut -d' ' -f1-3 /proc/loadavg), on $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo '+uncommitted')"
