@@ -45,8 +45,8 @@ const BROKEN: IoError =
 /// `held` (the next two lines) it touches three cache lines of the queue.
 #[repr(C)]
 pub(crate) struct MappedQueue {
-    /// A copy of the segment of the last pass-through request, so that the next one
-    /// to the same segment reads nothing outside this queue (`end == 0`: none yet).
+    /// A copy of the segment of the last read or write, so that the next one to the
+    /// same segment reads nothing outside this queue (`end == 0`: none yet).
     last: HotSegment,
     /// The device state word under which requests may be started without further
     /// checks: `generation << GEN_SHIFT` (not suspended, not removed) once that table
@@ -204,32 +204,37 @@ impl MappedQueue {
     #[inline(always)]
     fn start(&mut self, req: IoRequest) {
         let sector = req.sector;
+        // Inside one segment with a direct remap, aligned, and what `validate_request`
+        // would accept (the child checks the buffer length against the sectors).
         if req.op.has_data()
             && (self.writable || req.op == IoOp::Read)
             && ((self.last.start <= sector && sector < self.last.end) || self.find_segment(sector))
+            && self.last.child != NOT_DIRECT
+            && req.sectors != 0
+            && req.sectors <= self.last.end - sector
+            && (sector | req.sectors) & self.block_mask == 0
         {
-            // Inside one segment with a direct remap, aligned, and what `validate_request`
-            // would accept (the child checks the buffer length against the sectors).
-            let hot = self.last;
-            if hot.child != NOT_DIRECT
-                && req.sectors != 0
-                && req.sectors <= hot.end - sector
-                && (sector | req.sectors) & self.block_mask == 0
-            {
-                let creq = IoRequest { sector: sector.wrapping_add(hot.shift), ..req };
-                let Err(req) = self.io.submit_raw(hot.child, creq) else { return };
-                let req = IoRequest { sector, ..req };
-                let idx = self.io.take_direct(req.tag);
-                let creq = IoRequest { sector: sector.wrapping_add(hot.shift), tag: DIRECT | u64::from(idx), ..req };
-                if self.io.submit_child(hot.child, creq).is_ok() {
-                    return;
-                }
-                // The child queue is full: the general path holds the request until it
-                // has room.
-                self.io.put_index(idx);
+            let creq = IoRequest { sector: sector.wrapping_add(self.last.shift), ..req };
+            if self.io.submit_raw(self.last.child, creq).is_err() {
+                self.start_translated(req);
             }
+            return;
         }
         self.start_general(req);
+    }
+
+    /// The pass-through path when the child has core-tagged requests out: the caller's
+    /// tag waits in an index, and the child gets the index.
+    #[inline(never)]
+    fn start_translated(&mut self, req: IoRequest) {
+        let idx = self.io.take_direct(req.tag);
+        let creq = IoRequest { sector: req.sector.wrapping_add(self.last.shift), tag: DIRECT | u64::from(idx), ..req };
+        if self.io.submit_child(self.last.child, creq).is_err() {
+            // The child queue is full: the general path holds the request until it has
+            // room.
+            self.io.put_index(idx);
+            self.start_general(req);
+        }
     }
 
     /// Makes the segment holding `sector` the one `start` checks first; false when
@@ -240,8 +245,7 @@ impl MappedQueue {
         if self.broken || sector >= table.info.sectors {
             return false;
         }
-        let index = table.lookup(sector);
-        self.last = table.hot[index];
+        self.last = table.hot[table.lookup(sector)];
         true
     }
 
