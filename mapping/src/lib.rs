@@ -27,6 +27,7 @@ pub mod exception_store;
 pub mod io_buf;
 pub mod mapped;
 pub mod registry;
+mod segment_index;
 pub mod snapshot;
 pub mod snapshot_ops;
 pub mod sync_io;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use udm_drivers::{BlockDevice, DeviceInfo, MemoryRegion};
 
+use crate::segment_index::SegmentIndex;
 use crate::table_text::format_line;
 use crate::target::{DeviceId, FlushPolicy, SharedName, Target, TargetDevice};
 
@@ -29,6 +30,28 @@ pub(crate) struct Segment {
     pub max_sectors: u64,
 }
 
+/// What the data path reads of a segment for every request, packed so that finding the
+/// segment and remapping a pass-through read or write touches one cache line and calls
+/// nothing through a vtable.
+#[derive(Debug, Clone, Copy)]
+#[repr(align(32))]
+pub(crate) struct HotSegment {
+    pub start: u64,
+    /// One past the last sector.
+    pub end: u64,
+    /// Device sector minus mapped sector (wrapping) of direct reads and writes.
+    pub shift: u64,
+    /// Child queue (index into [`Table::devices`]) of direct reads and writes, or
+    /// [`NOT_DIRECT`] when the target maps them itself.
+    pub child: u32,
+    /// [`Segment::max_sectors`], saturated: longer requests take the general path,
+    /// which splits them.
+    pub max_sectors: u32,
+}
+
+/// [`HotSegment::child`] of a segment without [`crate::target::Target::direct_remap`].
+pub(crate) const NOT_DIRECT: u32 = u32::MAX;
+
 /// A device below the table, once however many segments use it.
 pub(crate) struct TableDevice {
     pub id: DeviceId,
@@ -38,7 +61,10 @@ pub(crate) struct TableDevice {
 
 /// An immutable table. Shared by the registry and every queue that uses it.
 pub struct Table {
-    starts: Box<[u64]>,
+    index: SegmentIndex,
+    pub(crate) hot: Box<[HotSegment]>,
+    /// Logical block size in sectors, minus one: direct requests must be aligned to it.
+    pub(crate) block_mask: u64,
     pub(crate) segments: Box<[Segment]>,
     pub(crate) devices: Box<[TableDevice]>,
     /// Children to flush once each on a flush of the mapped device.
@@ -67,6 +93,7 @@ impl Table {
     pub(crate) fn new(built: Vec<BuiltSegment>) -> Table {
         let mut devices: Vec<TableDevice> = Vec::new();
         let mut segments = Vec::with_capacity(built.len());
+        let mut hot = Vec::with_capacity(built.len());
         let mut flush_children: Vec<u32> = Vec::new();
         let mut flush_maps = Vec::new();
         let mut info = DeviceInfo::new(0, 512);
@@ -113,6 +140,14 @@ impl Table {
             info.sectors = b.start + b.length;
             let boundary = b.target.split_boundary().map_or(0, NonZeroU64::get);
             let max_sectors = b.devices.iter().map(|d| max_piece_sectors(d.info())).min().unwrap_or(u64::MAX);
+            let direct = b.target.direct_remap().filter(|d| boundary == 0 && (d.dev.0 as usize) < dev_map.len());
+            hot.push(HotSegment {
+                start: b.start,
+                end: b.start + b.length,
+                shift: direct.map_or(0, |d| d.start.wrapping_sub(b.start)),
+                child: direct.map_or(NOT_DIRECT, |d| dev_map[d.dev.0 as usize]),
+                max_sectors: u32::try_from(max_sectors).unwrap_or(u32::MAX),
+            });
             segments.push(Segment {
                 start: b.start,
                 length: b.length,
@@ -132,9 +167,11 @@ impl Table {
         } else if info.max_discard_sectors == u64::MAX {
             info.max_discard_sectors = u32::MAX as u64;
         }
-        let starts = segments.iter().map(|s| s.start).collect();
+        let index = SegmentIndex::new(segments.iter().map(|s| s.start).collect());
         Table {
-            starts,
+            index,
+            hot: hot.into_boxed_slice(),
+            block_mask: block_mask(info.logical_block_size),
             segments: segments.into_boxed_slice(),
             devices: devices.into_boxed_slice(),
             flush_children: flush_children.into_boxed_slice(),
@@ -143,11 +180,11 @@ impl Table {
         }
     }
 
-    /// The segment holding `sector` (which must be below [`Table::sectors`]): a binary
-    /// search over the segment starts.
+    /// The segment holding `sector` (which must be below [`Table::sectors`]): a
+    /// two-level binary search over the segment starts (see `segment_index`).
     #[inline]
     pub fn lookup(&self, sector: u64) -> usize {
-        self.starts.partition_point(|&s| s <= sector) - 1
+        self.index.find(sector)
     }
 
     /// Size in sectors: the sum of the segment lengths.
@@ -227,6 +264,17 @@ impl Table {
             d.device.unregister_memory(region)?;
         }
         Ok(())
+    }
+}
+
+/// `block sectors - 1` for a power-of-two block size; otherwise all ones, which sends
+/// every request down the general path (it validates with a division).
+fn block_mask(logical_block_size: u32) -> u64 {
+    let sectors = u64::from(logical_block_size / 512).max(1);
+    if sectors.is_power_of_two() {
+        sectors - 1
+    } else {
+        u64::MAX
     }
 }
 

@@ -39,6 +39,10 @@
 //! 3. The pieces of one request complete as one [`udm_drivers::Completion`] (the first
 //!    error wins), delivered by the mapped queue's `poll`.
 //!
+//! A read or write inside one segment whose target declares a [`Target::direct_remap`]
+//! (`linear`) skips all of this: the core shifts its sector and sends it to the device
+//! as it is, and its completion goes straight back to the submitter.
+//!
 //! # Threads and state
 //! * `Arc<dyn Target>` is the per-table-instance state, shared by every thread (put
 //!   cross-thread structures here: an exception table, a pending-copy map, counters).
@@ -125,6 +129,15 @@ pub enum MapOutcome {
     Accepted,
 }
 
+/// See [`Target::direct_remap`]: target offset `o` is sector `start + o` of device `dev`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectRemap {
+    /// Which of the target's devices.
+    pub dev: DevIndex,
+    /// The device sector of the target's first sector.
+    pub start: u64,
+}
+
 /// How a flush of the mapped device reaches a target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlushPolicy {
@@ -184,6 +197,19 @@ pub trait Target: Send + Sync {
     /// Pieces never cross a multiple of this many sectors, counted from the target's
     /// start (a stripe or snapshot chunk). Read at load and after every resume.
     fn split_boundary(&self) -> Option<NonZeroU64> {
+        None
+    }
+
+    /// A mapping of reads and writes that is a fixed shift onto one device, for the
+    /// core's pass-through path: a read or write that lies inside the segment goes to
+    /// `dev` at `start + offset` without a call to [`TargetQueue::map`], and completes
+    /// straight back to the submitter (failures included: [`Target::remap_error`] does
+    /// not hear of them). Only for targets whose `map` would answer exactly that `Remap`
+    /// for every read and write, from any thread, at any time, with no
+    /// [`Target::split_boundary`] and nothing to learn from errors (`linear`).
+    /// Asked once, when the table is built; flushes, discards and write-zeroes still go
+    /// through `map`.
+    fn direct_remap(&self) -> Option<DirectRemap> {
         None
     }
 

@@ -3,19 +3,23 @@
 //!
 //! # Admission and drain without a global lock
 //! The device's shared state is one atomic word: `generation << 2 | removed | suspended`.
-//! Every per-thread queue publishes its own `active` count (requests admitted and not
-//! finished, plus targets' internal I/O) in its own cache line. Admission is a Dekker
+//! Every per-thread queue publishes whether its `active` count (requests admitted and
+//! not finished, plus targets' internal I/O) is zero, in its own cache line, with a
+//! plain store when the count leaves or reaches zero. Admission from idle is a Dekker
 //! handshake:
 //!
 //! ```text
 //!  queue (data path)                       control (suspend)
-//!  active += 1 (store)                     state |= SUSPENDED
+//!  published = 1 (store)                   state |= SUSPENDED
 //!  fence(SeqCst)                           fence(SeqCst)
-//!  read state: suspended? undo, hold       wait until every queue's active == 0
+//!  read state: suspended? undo, hold       wait until every queue's published == 0
 //! ```
 //!
 //! With both fences, either the queue sees the suspension (and holds the request, in
-//! order) or the control plane sees the queue's count (and waits for it). A table swap
+//! order) or the control plane sees the queue's count (and waits for it). A queue that
+//! is already busy admits with one load of the state compared with the word its table
+//! was loaded under: its published count is non-zero, so a suspend it has not seen yet
+//! keeps waiting until the queue sees it and drains. A table swap
 //! happens only while suspended and drained: `live` is stored first, then the state's
 //! generation is bumped; a queue that sees a new generation reloads `live` (its child
 //! queues and target queues) when it has nothing in flight, before admitting anything.

@@ -2,6 +2,17 @@
 //! device is suspended), cuts them into pieces at segment and target boundaries, asks
 //! each target's per-thread queue where a piece goes, and merges the pieces'
 //! completions back into one per request.
+//!
+//! # Two paths
+//! * Pass-through: a read or write that lies inside one segment whose target has a
+//!   [`crate::target::Target::direct_remap`] (`linear`) goes straight to the child queue
+//!   at the shifted sector, tagged with an index that keeps only the caller's tag; its
+//!   completion goes straight into the caller's `poll` buffer. No slot, no pieces, no
+//!   call to the target.
+//! * General: everything else gets a slot and is cut into pieces, each mapped by its
+//!   target's queue; the pieces' completions merge into one.
+//!
+//! Both count in the same admission (`active`), so a suspend waits for either.
 
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
@@ -10,9 +21,9 @@ use udm_drivers::validate::validate_request;
 use udm_drivers::{Completion, IoError, IoOp, IoQueue, IoRequest, QueueFull, SgList, SECTOR_SIZE};
 
 use crate::mapped::context::TargetContext;
-use crate::mapped::io_core::{Child, IoCore, INTERNAL, NO_SEGMENT};
+use crate::mapped::io_core::{Child, IoCore, DIRECT, INTERNAL, NO_SEGMENT, PIECE_SEGMENT};
 use crate::mapped::{DeviceShared, QueueShared, GEN_SHIFT, REMOVED, SUSPENDED};
-use crate::table::Table;
+use crate::table::{HotSegment, Table, NOT_DIRECT};
 use crate::target::{DevIndex, MapOutcome, PartId, QueueSetup, TargetIo, TargetQueue};
 use udm_drivers::fixed_ring::FixedRing;
 
@@ -21,11 +32,33 @@ const REAP_BATCH: usize = 64;
 
 const NO_TABLE: IoError = IoError::Rejected { reason: "the device has no live table: load a table and resume it" };
 const REMOVED_ERR: IoError = IoError::DeviceGone { reason: "the mapped device was removed" };
+/// `MappedQueue::last` before any pass-through request: holds no sector.
+const NO_SEGMENT_YET: HotSegment = HotSegment { start: 0, end: 0, shift: 0, child: NOT_DIRECT, max_sectors: 0 };
+
+/// An admission word no device state equals (it would take 2^62 table swaps).
+const NEVER: u64 = u64::MAX;
+
 const BROKEN: IoError =
     IoError::DeviceGone { reason: "a device below the table could not open a queue for this thread" };
 
+/// `repr(C)`: the fields the pass-through path reads come first, so that with `io` and
+/// `held` (the next two lines) it touches three cache lines of the queue.
+#[repr(C)]
 pub(crate) struct MappedQueue {
+    /// A copy of the segment of the last read or write, so that the next one to the
+    /// same segment reads nothing outside this queue (`end == 0`: none yet).
+    last: HotSegment,
+    /// The device state word under which requests may be started without further
+    /// checks: `generation << GEN_SHIFT` (not suspended, not removed) once that table
+    /// is loaded with queues open below, otherwise a value the state never takes.
+    admit_state: u64,
     dev: Arc<DeviceShared>,
+    /// Logical block size of the table in sectors, minus one (see [`Table`]).
+    block_mask: u64,
+    /// The table takes writes.
+    writable: bool,
+    io: IoCore,
+    held: FixedRing<IoRequest>,
     depth: usize,
     /// The generation of `table`.
     generation: u64,
@@ -37,8 +70,6 @@ pub(crate) struct MappedQueue {
     targets: Vec<Box<dyn TargetQueue>>,
     /// Segments whose target queue wants every poll.
     polled: Vec<u32>,
-    io: IoCore,
-    held: FixedRing<IoRequest>,
     reaped: Box<[Completion]>,
 }
 
@@ -49,6 +80,10 @@ impl MappedQueue {
             depth,
             generation: 0,
             loaded: false,
+            admit_state: NEVER,
+            last: NO_SEGMENT_YET,
+            block_mask: u64::MAX,
+            writable: false,
             table: None,
             broken: false,
             targets: Vec::new(),
@@ -67,9 +102,20 @@ impl MappedQueue {
     /// Loads the live table published with `generation`, reusing the child queues of
     /// devices that stay. Runs only when idle; allocates (once per table change).
     fn switch_table(&mut self, generation: u64) {
+        self.open_table(generation);
+        self.admit_state = if self.table.is_some() && !self.broken { generation << GEN_SHIFT } else { NEVER };
+    }
+
+    /// [`MappedQueue::switch_table`] without the admission word.
+    fn open_table(&mut self, generation: u64) {
         self.generation = generation;
         self.loaded = true;
+        self.last = NO_SEGMENT_YET;
         self.table = self.dev.live.load_full();
+        if let Some(t) = self.table.as_deref() {
+            self.block_mask = t.block_mask;
+            self.writable = !t.info.read_only;
+        }
         self.targets.clear();
         self.polled.clear();
         self.broken = false;
@@ -86,6 +132,8 @@ impl MappedQueue {
                     device: Arc::clone(&d.device),
                     queue,
                     outstanding: 0,
+                    raw: 0,
+                    want_tagged: false,
                     dirty: false,
                 }),
                 Err(e) => {
@@ -151,8 +199,60 @@ impl MappedQueue {
         }
     }
 
-    /// Starts an admitted request (counted by `enter`).
+    /// Starts an admitted request (counted by `enter`): on the pass-through path when it
+    /// can, else on the general one.
+    #[inline(always)]
     fn start(&mut self, req: IoRequest) {
+        let sector = req.sector;
+        // Inside one segment with a direct remap, aligned, and what `validate_request`
+        // would accept (the child checks the buffer length against the sectors).
+        if req.op.has_data()
+            && (self.writable || req.op == IoOp::Read)
+            && ((self.last.start <= sector && sector < self.last.end) || self.find_segment(sector))
+            && self.last.child != NOT_DIRECT
+            && req.sectors != 0
+            && req.sectors <= self.last.end - sector
+            && req.sectors <= u64::from(self.last.max_sectors)
+            && (sector | req.sectors) & self.block_mask == 0
+        {
+            let creq = IoRequest { sector: sector.wrapping_add(self.last.shift), ..req };
+            if self.io.submit_raw(self.last.child, creq).is_err() {
+                self.start_translated(req);
+            }
+            return;
+        }
+        self.start_general(req);
+    }
+
+    /// The pass-through path when the child has core-tagged requests out: the caller's
+    /// tag waits in an index, and the child gets the index.
+    #[inline(never)]
+    fn start_translated(&mut self, req: IoRequest) {
+        let idx = self.io.take_direct(req.tag);
+        let creq = IoRequest { sector: req.sector.wrapping_add(self.last.shift), tag: DIRECT | u64::from(idx), ..req };
+        if self.io.submit_child(self.last.child, creq).is_err() {
+            // The child queue is full: the general path holds the request until it has
+            // room.
+            self.io.put_index(idx);
+            self.start_general(req);
+        }
+    }
+
+    /// Makes the segment holding `sector` the one `start` checks first; false when
+    /// there is none (no table, a broken queue, or `sector` past the end).
+    #[inline(never)]
+    fn find_segment(&mut self, sector: u64) -> bool {
+        let Some(table) = self.table.as_deref() else { return false };
+        if self.broken || sector >= table.info.sectors {
+            return false;
+        }
+        self.last = table.hot[table.lookup(sector)];
+        true
+    }
+
+    /// Starts an admitted request on the general path: a slot, pieces, targets' `map`.
+    #[inline(never)]
+    fn start_general(&mut self, req: IoRequest) {
         let Some(table) = self.table.as_ref() else {
             self.io.fail_unslotted(req.tag, NO_TABLE);
             return;
@@ -169,6 +269,27 @@ impl MappedQueue {
         issue(table, &mut self.targets, &mut self.io, slot);
     }
 
+    /// Submission when the one-compare admission of `submit` does not apply: the queue
+    /// is idle (the Dekker fence), holds requests, or the device state changed.
+    #[cold]
+    #[inline(never)]
+    fn submit_slow(&mut self, req: IoRequest) -> Result<(), QueueFull> {
+        if self.in_flight() >= self.depth {
+            return Err(QueueFull(req));
+        }
+        if !self.held.is_empty() {
+            self.release_held();
+            if !self.held.is_empty() {
+                self.held.push(req);
+                return Ok(());
+            }
+        }
+        if let Err(req) = self.try_admit(req) {
+            self.held.push(req);
+        }
+        Ok(())
+    }
+
     /// Admits held requests in order while the device admits.
     fn release_held(&mut self) {
         while let Some(req) = self.held.front() {
@@ -180,36 +301,84 @@ impl MappedQueue {
     }
 }
 
-/// Reaps every child with pieces or internal I/O out and routes the completions.
-fn reap_children(table: &Table, io: &mut IoCore, targets: &mut [Box<dyn TargetQueue>], reaped: &mut [Completion]) {
+/// Reaps every child with requests out. Pass-through completions go straight into
+/// `out` (children poll into it, and the caller's tags are put back in place) while it
+/// has room, else into the completion ring; the others are routed to their pieces and
+/// targets. Returns how many completions it left at the front of `out`.
+fn reap_children(
+    table: &Table,
+    io: &mut IoCore,
+    targets: &mut [Box<dyn TargetQueue>],
+    reaped: &mut [Completion],
+    out: &mut [Completion],
+) -> usize {
+    let mut filled = 0;
     for ci in 0..io.children.len() {
         while io.children[ci].outstanding != 0 {
-            let n = io.children[ci].queue.poll(reaped);
+            let direct_room = filled < out.len();
+            let buf: &mut [Completion] = if direct_room { &mut out[filled..] } else { &mut *reaped };
+            let raw = io.children[ci].raw != 0;
+            let n = io.children[ci].queue.poll(buf);
             if n == 0 {
                 break;
             }
-            io.children[ci].outstanding -= n;
-            for &c in &reaped[..n] {
-                route(table, io, targets, ci as u32, c);
+            if raw {
+                // Every completion of this child carries its caller's tag.
+                io.raw_done(ci, n);
+                if direct_room {
+                    filled += n;
+                } else {
+                    for &c in &buf[..n] {
+                        io.done.push(c);
+                    }
+                }
+                if n < buf.len() {
+                    break;
+                }
+                continue;
             }
-            if n < reaped.len() {
+            io.children[ci].outstanding -= n;
+            let mut kept = 0;
+            for i in 0..n {
+                let tag = buf[i].tag;
+                if tag >> 62 != DIRECT >> 62 {
+                    route(table, io, targets, ci as u32, buf[i]);
+                    continue;
+                }
+                let caller_tag = io.direct_done(tag as u32);
+                if direct_room {
+                    // In place: only the tag changes (no copy of the result through the
+                    // stack). `kept <= i`: only entries already read are overwritten.
+                    if kept != i {
+                        buf[kept] = buf[i];
+                    }
+                    buf[kept].tag = caller_tag;
+                    kept += 1;
+                } else {
+                    io.done.push(Completion { tag: caller_tag, result: buf[i].result });
+                }
+            }
+            filled += kept;
+            if n < buf.len() {
                 break;
             }
         }
     }
+    filled
 }
 
-/// Sends one child completion to the piece or target it belongs to.
+/// Sends one child completion of the general path to the piece or target it belongs to.
 #[inline]
 fn route(table: &Table, io: &mut IoCore, targets: &mut [Box<dyn TargetQueue>], child: u32, c: Completion) {
-    let segment = ((c.tag >> 32) & 0x7fff_ffff) as u32;
     if c.tag & INTERNAL != 0 {
+        let segment = ((c.tag >> 32) & 0x7fff_ffff) as u32;
         io.leave();
         let seg = &table.segments[segment as usize];
         let mut ctx = TargetContext { io, dev_map: &seg.dev_map, segment };
         targets[segment as usize].child_done(c.tag as u32, c.result, &mut ctx);
         return;
     }
+    let segment = ((c.tag >> 32) & PIECE_SEGMENT) as u32;
     if let Err(e) = c.result {
         if segment != NO_SEGMENT {
             let seg = &table.segments[segment as usize];
@@ -360,21 +529,23 @@ fn next_piece(table: &Table, s: &crate::mapped::io_core::Slot, slot: u32) -> Opt
 }
 
 impl IoQueue for MappedQueue {
+    #[inline]
     fn submit(&mut self, req: IoRequest) -> Result<(), QueueFull> {
-        if self.in_flight() >= self.depth {
-            return Err(QueueFull(req));
+        // The common case needs no fence: this queue's published count is already
+        // non-zero (a suspend cannot finish draining before this request completes),
+        // nothing is held (order), and the state is the one the loaded table was
+        // published under (one load, one compare); with nothing held, `has_room` is
+        // `in_flight() < depth`.
+        if self.io.active() != 0
+            && self.held.is_empty()
+            && self.io.has_room(self.io.done.len())
+            && self.dev.state.load(Ordering::Acquire) == self.admit_state
+        {
+            self.io.enter();
+            self.start(req);
+            return Ok(());
         }
-        if !self.held.is_empty() {
-            self.release_held();
-            if !self.held.is_empty() {
-                self.held.push(req);
-                return Ok(());
-            }
-        }
-        if let Err(req) = self.try_admit(req) {
-            self.held.push(req);
-        }
-        Ok(())
+        self.submit_slow(req)
     }
 
     fn kick(&mut self) {
@@ -382,8 +553,10 @@ impl IoQueue for MappedQueue {
     }
 
     fn poll(&mut self, out: &mut [Completion]) -> usize {
+        // Completions already waiting first, then what the children finished.
+        let mut n = self.io.done.drain_into(out);
         if let Some(table) = self.table.as_deref() {
-            reap_children(table, &mut self.io, &mut self.targets, &mut self.reaped);
+            n += reap_children(table, &mut self.io, &mut self.targets, &mut self.reaped, &mut out[n..]);
             if !self.polled.is_empty() {
                 poll_targets(table, &mut self.io, &mut self.targets, &self.polled);
             }
@@ -395,11 +568,11 @@ impl IoQueue for MappedQueue {
             self.release_held();
         }
         self.io.kick_dirty();
-        self.io.done.drain_into(out)
+        n + self.io.done.drain_into(&mut out[n..])
     }
 
     fn in_flight(&self) -> usize {
-        self.io.slots_in_use() + self.held.len() + self.io.done.len()
+        self.io.requests_in_use() + self.held.len() + self.io.done.len()
     }
 
     fn depth(&self) -> usize {

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use crate::error::TargetError;
 use crate::target::{
-    ConstructCtx, DevIndex, MapOutcome, QueueSetup, Target, TargetCaps, TargetContext, TargetDevice, TargetIo,
-    TargetQueue, TargetType,
+    ConstructCtx, DevIndex, DirectRemap, MapOutcome, QueueSetup, Target, TargetCaps, TargetContext, TargetDevice,
+    TargetIo, TargetQueue, TargetType,
 };
 use crate::targets::number_arg;
 
@@ -50,6 +50,10 @@ impl Target for Linear {
 
     fn caps(&self) -> TargetCaps {
         self.caps
+    }
+
+    fn direct_remap(&self) -> Option<DirectRemap> {
+        Some(DirectRemap { dev: DevIndex(0), start: self.offset })
     }
 
     fn open_queue(&self, _setup: &QueueSetup<'_>) -> Result<Box<dyn TargetQueue>, TargetError> {
