@@ -5,6 +5,10 @@
 # tmpfs. Server pinned to one core, client to another. Prints JSON lines, then a table.
 #   cargo build --release -p udm-server --bin udm -p udm-tests --bin udm-vhost-bench
 #   bash scripts/bench-vhost.sh            # SECS=5 SERVER_CPU=1 CLIENT_CPU=0
+# With SPDK_VHOST=/path/to/spdk/build/bin/vhost (scripts/build-spdk.sh) the run also
+# measures SPDK's vhost target (null and malloc bdevs, beside udm null: and mem:), and,
+# when SPDK's bdevperf is built, every server again with SPDK's own vhost-user client;
+# see scripts/bench-vhost-spdk.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=target/release
@@ -64,6 +68,8 @@ run_set() { # label
   done
 }
 
+if [ -n "${SPDK_VHOST:-}" ]; then source scripts/bench-vhost-spdk.sh; fi
+
 for backend in null tmpfs; do
   if [ $backend = null ]; then
     UDM_SPEC=null:1G
@@ -76,11 +82,28 @@ for backend in null tmpfs; do
     LABEL="udm-$poll/$backend"; start_udm "$UDM_SPEC" $poll; run_set; stop
   done
   LABEL="qsd/$backend"; start_qsd "$QSD_DEV"; run_set; stop
+  if [ -n "${SPDK_VHOST:-}" ] && [ $backend = null ]; then
+    LABEL="spdk/null"; start_spdk null; spdk_run_set; bdevperf_set; stop
+    for poll in event busy; do
+      LABEL="udm-$poll/null"; start_udm null:1G $poll; bdevperf_set; stop
+    done
+    LABEL="qsd/null"; start_qsd "$QSD_DEV"; bdevperf_set; stop
+  fi
 done
+
+if [ -n "${SPDK_VHOST:-}" ]; then # RAM: SPDK's malloc bdev beside udm's mem backend
+  for poll in event busy; do
+    LABEL="udm-$poll/mem"; start_udm mem:512M $poll; run_set; bdevperf_set; stop
+  done
+  LABEL="spdk/malloc"; start_spdk malloc; spdk_run_set; bdevperf_set; stop
+fi
 
 python3 - "$RESULTS" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+for r in [r for r in rows if "refused" in r]:
+    print(f"{r['label']}: libblkio client refused the server: {r['refused']}")
+rows = [r for r in rows if "refused" not in r]
 print("| server/backend | workload | IOPS | p50 us | p99 us | server CPU s | IOPS per server CPU-s |")
 print("|---|---|---:|---:|---:|---:|---:|")
 for r in rows:

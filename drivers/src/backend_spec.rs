@@ -2,14 +2,15 @@
 //!
 //! | spec | device |
 //! |---|---|
-//! | `null:1G[,bs=4096]` | [`NullDevice`]: stores nothing, reads zeroes |
+//! | `null:1G[,bs=4096][,read-zeroes=off]` | [`NullDevice`]: stores nothing, reads zeroes (or leave buffers untouched) |
 //! | `mem:64M[,bs=4096]` | [`MemDevice`]: a RAM disk |
 //! | `file:/path[,ro][,direct=off][,bs=4096]` | [`FileDevice`]: a file or block device via io_uring |
 //! | `fault:<faults>@<spec>` | [`FaultDevice`] over any other spec |
 //! | `nvme:0000:00:04.0/1[,timeout-ms=N][,shadow=off]` | namespace 1 of an NVMe controller bound to vfio-pci ([`crate::nvme`]) |
 //!
 //! The faults are comma-separated: `fail-after=N` (every request fails after N writes),
-//! `power-loss=N[,seed=S]` (write N is torn, later writes dropped), `corrupt=SECTOR`
+//! `power-loss=N[,seed=S]` (write N is torn, later writes dropped), `stall-after=N`
+//! (every request after N writes is held, never completed: a hung disk), `corrupt=SECTOR`
 //! (repeatable: reads of that sector come back with one byte inverted). For example
 //! `fault:corrupt=2048@mem:64M` or `fault:power-loss=100,seed=7@file:/tmp/disk.img`.
 
@@ -27,12 +28,15 @@ use crate::units::parse_size;
 /// A parsed backend specification.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendSpec {
-    /// `null:<size>[,bs=<block size>]`
+    /// `null:<size>[,bs=<block size>][,read-zeroes=off]`
     Null {
         /// Size in bytes.
         bytes: u64,
         /// Logical block size.
         block_size: u32,
+        /// Reads fill the buffer with zeroes (default); off leaves it untouched, like
+        /// SPDK's null bdev, Linux null_blk and QEMU's `null-co` by default.
+        read_zeroes: bool,
     },
     /// `mem:<size>[,bs=<block size>]`
     Mem {
@@ -128,7 +132,12 @@ impl BackendSpec {
                 let bytes = parse_size(arg).map_err(|e| bad(spec, e))?;
                 let block_size = block_size.unwrap_or(512);
                 if kind == "null" {
-                    BackendSpec::Null { bytes, block_size }
+                    let read_zeroes = match opts.take("read-zeroes") {
+                        None | Some(Some("on")) => true,
+                        Some(Some("off")) => false,
+                        Some(_) => return Err(bad(spec, "read-zeroes is `read-zeroes=on` or `read-zeroes=off`")),
+                    };
+                    BackendSpec::Null { bytes, block_size, read_zeroes }
                 } else {
                     BackendSpec::Mem { bytes, block_size }
                 }
@@ -198,17 +207,18 @@ impl BackendSpec {
             plan.corrupt_sectors.push(number("corrupt", v)?);
         }
         let seed = opts.take("seed").map(|v| number("seed", v)).transpose()?.unwrap_or(0);
-        match (opts.take("fail-after"), opts.take("power-loss")) {
-            (Some(_), Some(_)) => return Err(bad(spec, "choose one of fail-after and power-loss")),
-            (Some(v), None) => plan.writes = Some(WriteFault::FailAfterWrites(number("fail-after", v)?)),
-            (None, Some(v)) => {
+        match (opts.take("fail-after"), opts.take("power-loss"), opts.take("stall-after")) {
+            (Some(v), None, None) => plan.writes = Some(WriteFault::FailAfterWrites(number("fail-after", v)?)),
+            (None, Some(v), None) => {
                 let write = number("power-loss", v)?;
                 if write == 0 {
                     return Err(bad(spec, "power-loss counts writes from 1"));
                 }
                 plan.writes = Some(WriteFault::PowerLossAtWrite { write, seed });
             }
-            (None, None) => {}
+            (None, None, Some(v)) => plan.writes = Some(WriteFault::StallAfterWrites(number("stall-after", v)?)),
+            (None, None, None) => {}
+            _ => return Err(bad(spec, "choose one of fail-after, power-loss and stall-after")),
         }
         opts.finish(spec)?;
         let inner = Box::new(Self::parse(inner)?);
@@ -218,7 +228,9 @@ impl BackendSpec {
     /// Creates the device.
     pub fn open(&self) -> Result<Arc<dyn BlockDevice>, DeviceError> {
         Ok(match self {
-            BackendSpec::Null { bytes, block_size } => Arc::new(NullDevice::new(*bytes, *block_size)?),
+            BackendSpec::Null { bytes, block_size, read_zeroes } => {
+                Arc::new(NullDevice::new(*bytes, *block_size)?.with_read_zeroes(*read_zeroes))
+            }
             BackendSpec::Mem { bytes, block_size } => Arc::new(MemDevice::new(*bytes, *block_size)?),
             BackendSpec::File { path, options } => Arc::new(FileDevice::open(path, options)?),
             BackendSpec::Nvme { bdf, nsid, timeout_ms, shadow_doorbells } => {
@@ -245,7 +257,15 @@ mod tests {
 
     #[test]
     fn parses_specs_and_names_what_is_wrong() {
-        assert_eq!(BackendSpec::parse("null:1G").unwrap(), BackendSpec::Null { bytes: 1 << 30, block_size: 512 });
+        assert_eq!(
+            BackendSpec::parse("null:1G").unwrap(),
+            BackendSpec::Null { bytes: 1 << 30, block_size: 512, read_zeroes: true }
+        );
+        assert_eq!(
+            BackendSpec::parse("null:1G,read-zeroes=off").unwrap(),
+            BackendSpec::Null { bytes: 1 << 30, block_size: 512, read_zeroes: false }
+        );
+        assert!(BackendSpec::parse("null:1G,read-zeroes=maybe").is_err());
         assert_eq!(
             BackendSpec::parse("mem:64M,bs=4096").unwrap(),
             BackendSpec::Mem { bytes: 64 << 20, block_size: 4096 }
@@ -265,6 +285,13 @@ mod tests {
                     corrupt_sectors: vec![8, 16]
                 },
                 inner: Box::new(BackendSpec::Mem { bytes: 1 << 20, block_size: 512 })
+            }
+        );
+        assert_eq!(
+            BackendSpec::parse("fault:stall-after=5@null:1M").unwrap(),
+            BackendSpec::Fault {
+                plan: FaultPlan { writes: Some(WriteFault::StallAfterWrites(5)), corrupt_sectors: vec![] },
+                inner: Box::new(BackendSpec::Null { bytes: 1 << 20, block_size: 512, read_zeroes: true })
             }
         );
         assert_eq!(
@@ -290,6 +317,8 @@ mod tests {
             "fault:corrupt=x@mem:1M",
             "fault:power-loss=0@mem:1M",
             "fault:fail-after=1,power-loss=2@mem:1M",
+            "fault:stall-after=1,fail-after=2@mem:1M",
+            "fault:stall-after=x@mem:1M",
             "fault:drop=1@mem:1M",
             "fault:corrupt=1@disk:1M",
             "nvme:",

@@ -44,6 +44,49 @@ fn fail_after_writes_fails_every_later_request() {
     assert_eq!(run_one(&mut *q, IoRequest::read(0, b.sg(), 0)), Ok(()));
 }
 
+#[test]
+fn stall_after_writes_holds_every_later_request_until_disarmed() {
+    let dev = open_backend("fault:stall-after=2@mem:1M").unwrap();
+    let mut q = dev.open_queue(4).unwrap();
+    assert_eq!(write_pattern(&mut *q, 0, 8, 1), Ok(()));
+    assert_eq!(write_pattern(&mut *q, 8, 8, 1), Ok(()));
+    let b = Buffer::new(4096);
+    let data = Buffer::new(4096);
+    fill(data.bytes(), 16, 2);
+    q.submit(IoRequest::write(16, data.sg(), 7)).unwrap();
+    q.submit(IoRequest::read(0, b.sg(), 8)).unwrap();
+    q.kick();
+    let mut out = [udm_drivers::Completion::EMPTY; 4];
+    for _ in 0..100 {
+        assert_eq!(q.poll(&mut out), 0, "a stalled device completes nothing");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(q.in_flight(), 2, "held requests count as in flight");
+    let mut other = dev.open_queue(2).unwrap();
+    let mut probe = [udm_drivers::Completion::EMPTY; 1];
+    other.submit(IoRequest::read(16, b.sg(), 1)).unwrap();
+    other.kick();
+    assert_eq!(other.poll(&mut probe), 0, "every queue of the device is stalled");
+    drop(other);
+
+    let faulty = FaultDevice::new(disk(1 << 20, 512));
+    let ctl = faulty.control();
+    let mut q = faulty.open_queue(4).unwrap();
+    ctl.stall_after_writes(0);
+    q.submit(IoRequest::write(16, data.sg(), 7)).unwrap();
+    q.kick();
+    assert_eq!(q.poll(&mut out), 0);
+    assert_eq!(ctl.held_ios(), 1);
+    ctl.disarm();
+    let mut got = 0;
+    while got == 0 {
+        got = q.poll(&mut out);
+    }
+    assert_eq!((out[0].tag, out[0].result), (7, Ok(())), "disarm releases the held write");
+    let mut inner = faulty.inner().open_queue(2).unwrap();
+    assert_eq!(first_mismatch(&read_back(&mut *inner, 16, 8), 16, 2), None);
+}
+
 /// Writes 1..n-1 land, write n is torn at sector granularity exactly as reported, and
 /// later writes are acknowledged but dropped.
 fn power_loss(seed: u64) -> Vec<std::ops::Range<u64>> {

@@ -32,6 +32,18 @@ fn null_reads_zeroes_and_stores_nothing() {
 }
 
 #[test]
+fn null_without_read_zeroes_leaves_read_buffers_untouched() {
+    for (zeroes, expect) in [(true, 0u8), (false, 0xab)] {
+        let dev = NullDevice::new(1 << 20, 512).unwrap().with_read_zeroes(zeroes);
+        let mut q = dev.open_queue(4).unwrap();
+        let b = Buffer::new(4096);
+        b.bytes().fill(0xab);
+        assert_eq!(run_one(&mut *q, IoRequest::read(8, b.sg(), 0)), Ok(()));
+        assert!(b.bytes().iter().all(|&x| x == expect), "read_zeroes={zeroes}");
+    }
+}
+
+#[test]
 fn mem_discard_and_write_zeroes_zero_the_range_only() {
     let dev = MemDevice::new(4 << 20, 512).unwrap();
     let mut q = dev.open_queue(4).unwrap();

@@ -13,7 +13,7 @@
 use udm_drivers::{DeviceInfo, SECTOR_SIZE};
 use udm_server::vhost_blk::config_space::Limits;
 use udm_server::vhost_blk::request::{parse_chain, BlkOp, Desc, GuestMem, MAX_CHAIN};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion};
 
 const REGION: u64 = 64 << 10;
 const SECOND: u64 = 192 << 10;
@@ -24,9 +24,10 @@ pub fn check_chain(data: &[u8]) {
         return;
     }
     let (cfg, rest) = data.split_at(4);
-    let mem: GuestMem =
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), REGION as usize), (GuestAddress(SECOND), REGION as usize)])
-            .expect("static layout");
+    let mem = GuestMem::from_ranges(&[(GuestAddress(0), REGION as usize), (GuestAddress(SECOND), REGION as usize)])
+        .expect("static layout");
+    // The oracle: vm-memory's own region collection, not udm's lookup.
+    let regions = mem.physical_memory().expect("backed by mmap regions");
     let fill = rest.len().min(REGION as usize);
     mem.write_slice(&rest[..fill], GuestAddress(0)).expect("inside region 0");
     let block = [512u32, 4096][usize::from(cfg[0] & 1)];
@@ -52,12 +53,12 @@ pub fn check_chain(data: &[u8]) {
         .collect();
     let mut segs = Vec::with_capacity(MAX_CHAIN);
     let cap = segs.capacity();
-    let result = parse_chain(&mem, descs.iter().copied(), &limits, &mut segs);
+    let result = parse_chain(&mem, descs.iter().copied(), &limits, &mut segs, &mut Vec::new());
     assert_eq!(segs.capacity(), cap, "the segment vector was reallocated");
     let last_writable_byte =
         descs.last().filter(|d| d.writable && d.len > 0).map(|d| GuestAddress(d.addr + u64::from(d.len) - 1));
     let in_memory = |addr: u64, len: u64| {
-        mem.iter().any(|r| {
+        regions.iter().any(|r| {
             let start = r.start_addr().0;
             addr >= start && addr + len <= start + r.len()
         })
@@ -77,7 +78,7 @@ pub fn check_chain(data: &[u8]) {
             }
             for s in &segs {
                 let host = s.base() as u64;
-                let inside = mem.iter().any(|r| {
+                let inside = regions.iter().any(|r| {
                     let base = r.as_ptr() as u64;
                     host >= base && host + s.len() as u64 <= base + r.len()
                 });

@@ -22,6 +22,12 @@ pub(crate) struct Segment {
     pub dev_map: Box<[u32]>,
     /// The target's split boundary in sectors (0: none); refreshed after each resume.
     pub boundary: AtomicU64,
+    /// Longest read or write piece the segment's devices take, in sectors: their
+    /// smallest max transfer in whole logical blocks (`u64::MAX` without devices).
+    /// Pieces are split to it, so a table reloaded over a device with a smaller max
+    /// transfer than its clients were told (an export's config space cannot shrink
+    /// under a running guest) still hands that device only what it takes.
+    pub max_sectors: u64,
 }
 
 /// What the data path reads of a segment for every request, packed so that finding the
@@ -38,6 +44,9 @@ pub(crate) struct HotSegment {
     /// Child queue (index into [`Table::devices`]) of direct reads and writes, or
     /// [`NOT_DIRECT`] when the target maps them itself.
     pub child: u32,
+    /// [`Segment::max_sectors`], saturated: longer direct requests take the general
+    /// path, which splits them.
+    pub max_sectors: u32,
 }
 
 /// [`HotSegment::child`] of a segment without [`crate::target::Target::direct_remap`].
@@ -71,6 +80,12 @@ pub(crate) struct BuiltSegment {
     pub length: u64,
     pub target: Arc<dyn Target>,
     pub devices: Vec<TargetDevice>,
+}
+
+/// A device's max transfer in sectors, rounded down to whole logical blocks (at least one).
+fn max_piece_sectors(info: &DeviceInfo) -> u64 {
+    let block = u64::from(info.logical_block_size.max(512));
+    (u64::from(info.max_transfer) / block).max(1) * block / udm_drivers::SECTOR_SIZE
 }
 
 impl Table {
@@ -124,12 +139,14 @@ impl Table {
             info.supports_write_zeroes &= caps.write_zeroes;
             info.sectors = b.start + b.length;
             let boundary = b.target.split_boundary().map_or(0, NonZeroU64::get);
+            let max_sectors = b.devices.iter().map(|d| max_piece_sectors(d.info())).min().unwrap_or(u64::MAX);
             let direct = b.target.direct_remap().filter(|d| boundary == 0 && (d.dev.0 as usize) < dev_map.len());
             hot.push(HotSegment {
                 start: b.start,
                 end: b.start + b.length,
                 shift: direct.map_or(0, |d| d.start.wrapping_sub(b.start)),
                 child: direct.map_or(NOT_DIRECT, |d| dev_map[d.dev.0 as usize]),
+                max_sectors: u32::try_from(max_sectors).unwrap_or(u32::MAX),
             });
             segments.push(Segment {
                 start: b.start,
@@ -138,6 +155,7 @@ impl Table {
                 devices: b.devices,
                 dev_map: dev_map.into_boxed_slice(),
                 boundary: AtomicU64::new(boundary),
+                max_sectors,
             });
         }
         if !any_device {

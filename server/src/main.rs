@@ -21,6 +21,9 @@ struct Cli {
 enum Command {
     /// Run the daemon: devices, vhost-user-blk exports and the control socket.
     Serve(serve::ServeArgs),
+    /// Backends (RAM, files, NVMe, fault injectors): add, remove, list (through the
+    /// control socket).
+    Backend(cli::backend::BackendArgs),
     /// Mapped devices, shaped like dmsetup (through the control socket).
     Dm(cli::dm::DmArgs),
     /// LVM-style snapshots (through the control socket).
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve::main(args),
+        Command::Backend(args) => cli::backend::main(args),
         Command::Dm(args) => cli::dm::main(args),
         Command::Snapshot(args) => cli::snapshot::main(args),
         Command::Export(args) => cli::export::main(args),

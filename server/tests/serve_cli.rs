@@ -191,3 +191,69 @@ fn acknowledged_writes_survive_killing_the_daemon() {
     }
     assert!(acked.iter().all(Option::is_some));
 }
+
+/// The names in the `name` fields of a JSON array.
+fn names(v: &Value) -> Vec<String> {
+    v.as_array().into_iter().flatten().filter_map(|e| e["name"].as_str().map(String::from)).collect()
+}
+
+#[test]
+fn backends_are_added_listed_and_removed_at_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(dir.path(), &[]);
+    srv.ok(&["backend", "add", "disk1", "mem:64M"]);
+    srv.ok(&["backend", "add", "disk2", "mem:32M,bs=4096"]);
+    let ls: Value = serde_json::from_str(&srv.ok(&["backend", "ls", "--json"])).unwrap();
+    assert_eq!(names(&ls), ["disk1", "disk2", "ram0"], "{ls}");
+    assert_eq!(ls[2]["spec"], "mem:1G");
+    assert_eq!(ls[2]["used_by"], json!(["vol0"]));
+    assert_eq!(ls[1]["block_size"], 4096);
+    let human = srv.ok(&["backend", "ls"]);
+    assert!(human.contains("disk1") && human.contains("64M") && human.contains("mem:64M"), "{human}");
+    assert!(human.lines().any(|l| l.starts_with("ram0") && l.contains("vol0")), "{human}");
+
+    // Every refusal names who is in the way and changes nothing.
+    srv.ok(&["export", "add", "raw1", "--device", "disk1"]);
+    srv.ok(&["dm", "create", "vol2", "--table", "0 65536 linear disk2 0"]);
+    let before = srv.ok(&["backend", "ls", "--json"]);
+    for (args, expect) in [
+        (&["backend", "remove", "ram0"][..], "vol0"),
+        (&["backend", "remove", "disk1"], "raw1"),
+        (&["backend", "remove", "disk2"], "vol2"),
+        (&["backend", "remove", "vol0"], "dm remove"),
+        (&["backend", "remove", "nothing"], "nothing"),
+        (&["backend", "add", "disk1", "mem:1M"], "disk1"),
+        (&["backend", "add", "disk3", "mem:lots"], "lots"),
+        (&["backend", "ls", "vol0"], "not a backend"),
+    ] {
+        let (ok, _, err) = srv.cli(args);
+        assert!(!ok && err.contains(expect), "udm {args:?}: {err}");
+    }
+    let e = srv.control().call("backend.remove", json!({"name": "disk1", "forse": true})).unwrap_err();
+    assert!(e.to_string().contains("forse"), "{e}");
+    assert_eq!(srv.ok(&["backend", "ls", "--json"]), before);
+    assert!(dir.path().join("raw1.sock").exists());
+
+    // --force stops the export serving the backend and removes it.
+    srv.ok(&["backend", "remove", "--force", "disk1"]);
+    assert!(!srv.ok(&["export", "ls"]).contains("raw1"));
+    assert!(!dir.path().join("raw1.sock").exists(), "the forced removal stopped the export");
+    // --force under a table: the table keeps its handle and its I/O goes on.
+    srv.ok(&["export", "add", "vol2"]);
+    srv.ok(&["backend", "remove", "-f", "disk2"]);
+    let mut client = Client::connect(&dir.path().join("vol2.sock"), 1, false).unwrap();
+    let data = pattern(7, 8192);
+    client.buf()[..8192].copy_from_slice(&data);
+    assert_eq!(
+        client
+            .run(0, &[Op::Write { offset: 4096, buf: 0, len: 8192 }, Op::Read { offset: 4096, buf: 8192, len: 8192 }]),
+        vec![0, 0]
+    );
+    assert!(client.buf()[8192..16384] == data[..]);
+    drop(client);
+    // An unused backend goes without --force.
+    srv.ok(&["backend", "add", "tmp", "null:1G"]);
+    srv.ok(&["backend", "remove", "tmp"]);
+    let ls: Value = serde_json::from_str(&srv.ok(&["backend", "ls", "--json"])).unwrap();
+    assert_eq!(names(&ls), ["ram0"], "{ls}");
+}

@@ -20,6 +20,7 @@ fn config(dir: &tempfile::TempDir, name: &str, queues: u16, read_only: bool, pol
         queue_size: 256,
         read_only,
         poll,
+        idle_poll_us: udm_server::vhost_blk::export::default_idle_poll_us(),
         cpus: vec![],
         serial: None,
     }

@@ -3,5 +3,8 @@
 //! * [`vm`]: boots QEMU guests (TCG) with a Debian kernel, a busybox initramfs, chosen
 //!   kernel modules, host binaries and emulated devices (NVMe behind a virtual IOMMU,
 //!   virtio and vhost-user-blk disks), runs a script and returns its output and status.
+//! * [`udm_process`]: `udm serve` as a child process with its log, and the CLI as its
+//!   client.
 
+pub mod udm_process;
 pub mod vm;

@@ -30,6 +30,10 @@
 //! * [`FaultControl::corrupt_reads`]: reads covering a chosen sector get one byte of
 //!   that sector inverted (the byte at offset `sector % 512`), every time; the inner
 //!   device is left intact.
+//! * [`FaultControl::stall_after_writes`]: the first N writes pass; after them every
+//!   request is held and never completes, like a hung disk, so a test can kill the
+//!   process above with requests provably in flight. [`FaultControl::disarm`] releases
+//!   the held requests to the inner device.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -47,6 +51,7 @@ use crate::validate::validate_request;
 const MODE_OFF: u8 = 0;
 const MODE_FAIL_AFTER: u8 = 1;
 const MODE_POWER_LOSS: u8 = 2;
+const MODE_STALL_AFTER: u8 = 3;
 
 /// What a fault device does to writes, as parsed from a backend spec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +65,8 @@ pub enum WriteFault {
         /// Chooses which blocks of the torn write land.
         seed: u64,
     },
+    /// [`FaultControl::stall_after_writes`].
+    StallAfterWrites(u64),
 }
 
 /// Faults to arm when a fault device is created (see `backend_spec`).
@@ -94,6 +101,7 @@ pub struct FaultControl {
     failed: AtomicU64,
     dropped: AtomicU64,
     corrupted: AtomicU64,
+    held: AtomicU64,
     power_lost: AtomicBool,
     corrupt: ArcSwap<Vec<u64>>,
     torn: Mutex<Option<TornWrite>>,
@@ -109,6 +117,7 @@ impl FaultControl {
             failed: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             corrupted: AtomicU64::new(0),
+            held: AtomicU64::new(0),
             power_lost: AtomicBool::new(false),
             corrupt: ArcSwap::from_pointee(Vec::new()),
             torn: Mutex::new(None),
@@ -138,6 +147,12 @@ impl FaultControl {
         self.arm(MODE_POWER_LOSS, n.max(1), seed);
     }
 
+    /// From now on, let `n` writes through, then hold every request (reads and flushes
+    /// too) without completing it, until [`FaultControl::disarm`]. Resets the write count.
+    pub fn stall_after_writes(&self, n: u64) {
+        self.arm(MODE_STALL_AFTER, n, 0);
+    }
+
     /// Corrupts every read that covers one of `sectors` (replacing the previous set).
     pub fn corrupt_reads(&self, sectors: impl IntoIterator<Item = u64>) {
         let mut v: Vec<u64> = sectors.into_iter().collect();
@@ -147,7 +162,8 @@ impl FaultControl {
     }
 
     /// Stops injecting write faults and read corruption: the device behaves like the
-    /// inner one again (counters and the torn-write record stay readable).
+    /// inner one again (counters and the torn-write record stay readable); requests held
+    /// by a stall go to the inner device at each queue's next poll.
     pub fn disarm(&self) {
         self.mode.store(MODE_OFF, Ordering::SeqCst);
         self.corrupt.store(Arc::new(Vec::new()));
@@ -158,6 +174,7 @@ impl FaultControl {
         match plan.writes {
             Some(WriteFault::FailAfterWrites(n)) => self.fail_after_writes(n),
             Some(WriteFault::PowerLossAtWrite { write, seed }) => self.power_loss_at_write(write, seed),
+            Some(WriteFault::StallAfterWrites(n)) => self.stall_after_writes(n),
             None => {}
         }
         self.corrupt_reads(plan.corrupt_sectors.iter().copied());
@@ -183,6 +200,11 @@ impl FaultControl {
         self.corrupted.load(Ordering::SeqCst)
     }
 
+    /// Requests held by a stall since the device was created (released ones included).
+    pub fn held_ios(&self) -> u64 {
+        self.held.load(Ordering::SeqCst)
+    }
+
     /// Whether the power-loss write has been reached.
     pub fn power_lost(&self) -> bool {
         self.power_lost.load(Ordering::SeqCst)
@@ -204,6 +226,8 @@ impl FaultControl {
         if !op.is_write() {
             return if mode == MODE_FAIL_AFTER && self.writes.load(Ordering::Acquire) >= n {
                 Fate::Fail
+            } else if mode == MODE_STALL_AFTER && self.writes.load(Ordering::Acquire) >= n {
+                Fate::Hold
             } else if mode == MODE_POWER_LOSS && op == IoOp::Flush && self.power_lost() {
                 Fate::Drop
             } else {
@@ -218,6 +242,7 @@ impl FaultControl {
                 Fate::Tear(self.seed.load(Ordering::Acquire))
             }
             MODE_POWER_LOSS if ordinal > n => Fate::Drop,
+            MODE_STALL_AFTER if ordinal > n => Fate::Hold,
             _ => Fate::Pass,
         }
     }
@@ -228,6 +253,7 @@ enum Fate {
     Fail,
     Drop,
     Tear(u64),
+    Hold,
 }
 
 /// A device that injects the faults its [`FaultControl`] is armed with.
@@ -276,6 +302,7 @@ impl BlockDevice for FaultDevice {
             free: (0..depth as u32).rev().collect(),
             local: completion_ring(depth),
             deferred: VecDeque::with_capacity(depth),
+            held: Vec::with_capacity(depth),
             scratch: vec![Completion::EMPTY; depth].into_boxed_slice(),
             granule: (u64::from(info.logical_block_size) / SECTOR_SIZE).max(1),
             info,
@@ -313,6 +340,8 @@ struct FaultQueue {
     local: CompletionRing,
     /// Pieces of a torn write that did not fit in the inner queue yet.
     deferred: VecDeque<IoRequest>,
+    /// Requests a stall holds (in flight, never completed while it lasts).
+    held: Vec<IoRequest>,
     scratch: Box<[Completion]>,
     /// Tearing unit in sectors: the inner device's logical block.
     granule: u64,
@@ -321,6 +350,37 @@ struct FaultQueue {
 }
 
 impl FaultQueue {
+    /// Sends `req` to the inner device through a slot of its own.
+    fn pass(&mut self, req: IoRequest) {
+        let idx = self.free.pop().expect("a free slot: in_flight < depth") as usize;
+        self.slots[idx] = Slot { req, pending: 1, result: Ok(()) };
+        let mut inner = req;
+        inner.tag = idx as u64;
+        self.forward(inner);
+    }
+
+    /// Holds `req` for a stall; the first one held says so in the log, which is how a
+    /// test knows requests are now stuck in flight.
+    fn hold(&mut self, req: IoRequest) {
+        if self.control.held.fetch_add(1, Ordering::AcqRel) == 0 {
+            tracing::warn!(
+                writes = self.control.threshold.load(Ordering::Acquire),
+                "fault: device stalled; holding every request from now on"
+            );
+        }
+        self.held.push(req);
+    }
+
+    /// After `disarm`, the held requests go to the inner device.
+    fn release_held(&mut self) {
+        if self.held.is_empty() || self.control.mode.load(Ordering::Acquire) == MODE_STALL_AFTER {
+            return;
+        }
+        for req in std::mem::take(&mut self.held) {
+            self.pass(req);
+        }
+    }
+
     fn forward(&mut self, req: IoRequest) {
         if let Err(QueueFull(req)) = self.inner.submit(req) {
             self.deferred.push_back(req);
@@ -412,13 +472,8 @@ impl IoQueue for FaultQueue {
                 }
                 self.local.push(Completion { tag: req.tag, result: Ok(()) });
             }
-            Fate::Pass => {
-                let idx = self.free.pop().expect("a free slot: in_flight < depth") as usize;
-                self.slots[idx] = Slot { req, pending: 1, result: Ok(()) };
-                let mut inner = req;
-                inner.tag = idx as u64;
-                self.forward(inner);
-            }
+            Fate::Pass => self.pass(req),
+            Fate::Hold => self.hold(req),
             Fate::Tear(seed) => {
                 let idx = self.free.pop().expect("a free slot: in_flight < depth") as usize;
                 self.slots[idx] = Slot { req, pending: 0, result: Ok(()) };
@@ -433,6 +488,7 @@ impl IoQueue for FaultQueue {
     }
 
     fn poll(&mut self, out: &mut [Completion]) -> usize {
+        self.release_held();
         while let Some(req) = self.deferred.pop_front() {
             if let Err(QueueFull(req)) = self.inner.submit(req) {
                 self.deferred.push_front(req);
@@ -475,7 +531,7 @@ impl IoQueue for FaultQueue {
     }
 
     fn in_flight(&self) -> usize {
-        self.depth - self.free.len() + self.local.len()
+        self.depth - self.free.len() + self.local.len() + self.held.len()
     }
 
     fn depth(&self) -> usize {

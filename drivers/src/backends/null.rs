@@ -11,6 +11,7 @@ use crate::validate::validate_request;
 #[derive(Debug)]
 pub struct NullDevice {
     info: DeviceInfo,
+    read_zeroes: bool,
 }
 
 impl NullDevice {
@@ -19,7 +20,14 @@ impl NullDevice {
         check_geometry(bytes, block_size)?;
         let mut info = DeviceInfo::new(bytes / crate::SECTOR_SIZE, block_size);
         info.max_transfer = 4 << 20;
-        Ok(NullDevice { info })
+        Ok(NullDevice { info, read_zeroes: true })
+    }
+
+    /// Whether reads fill the buffer with zeroes (the default) or leave it as it was,
+    /// measuring the I/O path alone as SPDK's null bdev and Linux null_blk do.
+    pub fn with_read_zeroes(mut self, on: bool) -> Self {
+        self.read_zeroes = on;
+        self
     }
 }
 
@@ -44,12 +52,17 @@ impl BlockDevice for NullDevice {
     }
 
     fn open_queue(&self, depth: usize) -> Result<Box<dyn IoQueue>, DeviceError> {
-        Ok(Box::new(NullQueue { info: self.info.clone(), done: completion_ring(depth.max(1)) }))
+        Ok(Box::new(NullQueue {
+            info: self.info.clone(),
+            read_zeroes: self.read_zeroes,
+            done: completion_ring(depth.max(1)),
+        }))
     }
 }
 
 struct NullQueue {
     info: DeviceInfo,
+    read_zeroes: bool,
     done: CompletionRing,
 }
 
@@ -60,7 +73,7 @@ impl IoQueue for NullQueue {
             return Err(QueueFull(req));
         }
         let result = validate_request(&self.info, &req);
-        if result.is_ok() && req.op == IoOp::Read {
+        if result.is_ok() && req.op == IoOp::Read && self.read_zeroes {
             req.sg.fill_zero();
         }
         self.done.push(Completion { tag: req.tag, result });

@@ -208,11 +208,14 @@ impl Command {
         Command { prp1: shadow, prp2: eventidx, ..Command::new(admin::DOORBELL_BUFFER_CONFIG) }
     }
 
-    /// Read or Write of `blocks` logical blocks at `lba`; the caller sets the PRPs.
+    /// Read or Write of `blocks` logical blocks at `lba`, data at PRP1 and PRP2 (from
+    /// `prp::build`).
     #[inline]
-    pub fn read_write(opcode: u8, nsid: u32, lba: u64, blocks: u32, fua: bool) -> Self {
+    pub fn read_write(opcode: u8, nsid: u32, lba: u64, blocks: u32, fua: bool, (prp1, prp2): (u64, u64)) -> Self {
         Command {
             nsid,
+            prp1,
+            prp2,
             cdw10: lba as u32,
             cdw11: (lba >> 32) as u32,
             cdw12: (blocks - 1) | (u32::from(fua) << 30),
@@ -248,8 +251,9 @@ mod tests {
 
     #[test]
     fn encodes_fields_where_the_specification_puts_them() {
-        let mut c = Command::read_write(io::READ, 1, 0x1_0000_0002, 8, true);
+        let mut c = Command::read_write(io::READ, 1, 0x1_0000_0002, 8, true, (0x5000_0200, 0x9000));
         c.set_cid(0xbeef);
+        assert_eq!((c.prp1, c.prp2), (0x5000_0200, 0x9000));
         assert_eq!(c.opcode(), io::READ);
         assert_eq!(c.cid(), 0xbeef);
         assert_eq!((c.cdw10, c.cdw11, c.cdw12), (2, 1, 7 | 1 << 30));

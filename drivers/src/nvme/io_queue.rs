@@ -18,6 +18,7 @@ use crate::error::{DeviceError, IoError};
 use crate::nvme::cmd::{io, Command, CompletionEntry};
 use crate::nvme::controller::Controller;
 use crate::nvme::dma_space::{DmaSpace, Translations};
+use crate::nvme::hybrid_poll::HybridPoll;
 use crate::nvme::prp::{self, PAGE};
 use crate::nvme::ring::{QueueRing, RingLayout};
 use crate::request::{Completion, IoOp, IoRequest, QueueFull, SECTOR_SIZE};
@@ -37,8 +38,11 @@ const DSM_MAX_RANGES: u64 = 256;
 /// Times a command is resubmitted after controller resets before it fails.
 const MAX_ATTEMPTS: u8 = 3;
 /// Polls between health checks (timeouts, CSTS.CFS): a clock read and an MMIO read
-/// are too dear for every poll.
+/// are too dear for every poll (in a TCG guest whose clock source is the emulated HPET
+/// both are trips into the device model).
 const HEALTH_CHECK_POLLS: u32 = 4096;
+/// Polls a nap in `wait` counts for towards the next health check.
+const NAP_POLLS: u32 = 64;
 /// How long an aborted command may take to come back before the controller is reset.
 const ABORT_GRACE: Duration = Duration::from_secs(1);
 const NO_BOUNCE: u32 = u32::MAX;
@@ -54,7 +58,10 @@ struct CmdSlot {
     /// Byte offset of this command's data in its request, and length (bounce copies).
     offset: u32,
     len: u32,
-    submitted: Option<Instant>,
+    /// When a health check first saw the command at the device (rung): it was
+    /// submitted no later than this, so a timeout counted from here never fires early.
+    /// Stamping at health checks keeps clock reads off the per-batch path.
+    seen: Option<Instant>,
     aborted_at: Option<Instant>,
     timed_out: bool,
     attempts: u8,
@@ -81,7 +88,7 @@ const IDLE_CMD: CmdSlot = CmdSlot {
     bounce: NO_BOUNCE,
     offset: 0,
     len: 0,
-    submitted: None,
+    seen: None,
     aborted_at: None,
     timed_out: false,
     attempts: 0,
@@ -144,7 +151,6 @@ pub struct NvmeQueue {
     layout: Layout,
     cmds: Box<[CmdSlot]>,
     free_cids: Vec<u16>,
-    unkicked: Vec<u16>,
     reqs: Box<[ReqSlot]>,
     free_reqs: Vec<u16>,
     /// Free bounce buffers (bit n: buffer n).
@@ -153,7 +159,10 @@ pub struct NvmeQueue {
     done: CompletionRing,
     in_flight: usize,
     generation: u64,
-    polls: u32,
+    /// Polls left until the next health check.
+    health_countdown: u32,
+    /// When `wait` sleeps instead of spinning.
+    hybrid: HybridPoll,
     dead: bool,
 }
 
@@ -227,7 +236,6 @@ impl NvmeQueue {
             cmds: vec![IDLE_CMD; entries].into_boxed_slice(),
             // CID entries-1 is never used: at most entries-1 commands are outstanding.
             free_cids: (0..(entries - 1) as u16).rev().collect(),
-            unkicked: Vec::with_capacity(entries),
             reqs: vec![
                 ReqSlot { tag: 0, op: IoOp::Flush, sg: sg_placeholder, pending: 0, error: None, bounce_mask: 0 };
                 depth
@@ -239,7 +247,8 @@ impl NvmeQueue {
             done: completion_ring(2 * depth),
             in_flight: 0,
             generation,
-            polls: 0,
+            health_countdown: HEALTH_CHECK_POLLS,
+            hybrid: HybridPoll::default(),
             dead: false,
         })
     }
@@ -247,6 +256,11 @@ impl NvmeQueue {
     /// The queue identifier on the controller.
     pub fn qid(&self) -> u16 {
         self.qid
+    }
+
+    /// How many times `wait` has slept rather than returned to polling at once.
+    pub fn naps(&self) -> u64 {
+        self.hybrid.naps()
     }
 
     fn prp_page(&self, cid: u16) -> (*mut u64, u64) {
@@ -307,13 +321,12 @@ impl NvmeQueue {
             bounce,
             offset: offset as u32,
             len: len as u32,
-            submitted: None,
+            seen: None,
             aborted_at: None,
             timed_out: false,
             attempts: 1,
         };
         self.ring.push(&sqe);
-        self.unkicked.push(cid);
     }
 
     /// The next command identifier's PRP page; it is the one `start_command` takes.
@@ -359,7 +372,6 @@ impl NvmeQueue {
     /// outstanding.
     fn recover(&mut self) {
         self.generation = self.ctrl.generation();
-        self.unkicked.clear();
         self.ring.restart();
         let recreated = !self.ctrl.is_dead()
             && self
@@ -390,7 +402,7 @@ impl NvmeQueue {
             } else {
                 let slot = &mut self.cmds[cid as usize];
                 slot.attempts += 1;
-                slot.submitted = Some(now);
+                slot.seen = Some(now);
                 slot.aborted_at = None;
                 let sqe = slot.sqe;
                 self.ring.push(&sqe);
@@ -414,9 +426,19 @@ impl NvmeQueue {
         }
         let now = Instant::now();
         let timeout = self.ctrl.options().io_timeout;
+        // Commands pushed but not rung yet are not at the device: no clock runs for them.
+        let all_rung = !self.ring.unrung();
         for cid in 0..self.cmds.len() as u16 {
             let c = self.cmds[cid as usize];
-            let Some(sent) = c.submitted.filter(|_| c.active) else { continue };
+            if !c.active {
+                continue;
+            }
+            let Some(sent) = c.seen else {
+                if all_rung {
+                    self.cmds[cid as usize].seen = Some(now);
+                }
+                continue;
+            };
             match c.aborted_at {
                 None if now.duration_since(sent) > timeout => {
                     tracing::warn!(qid = self.qid, cid, "NVMe command timed out: aborting it");
@@ -442,10 +464,15 @@ impl NvmeQueue {
         }
     }
 
-    fn submit_data(&mut self, req: IoRequest, slot: u16, plan: DataPlan, table: &Translations) {
+    /// The Read or Write command for bytes `off..off + len` of `req`.
+    #[inline]
+    fn data_command(&self, req: &IoRequest, off: usize, len: usize, prps: (u64, u64)) -> Command {
         let opcode = if req.op == IoOp::Read { io::READ } else { io::WRITE };
-        let base_lba = (req.sector * SECTOR_SIZE) >> self.block_shift;
-        let block_shift = self.block_shift;
+        let lba = ((req.sector * SECTOR_SIZE) >> self.block_shift) + (off >> self.block_shift) as u64;
+        Command::read_write(opcode, self.nsid, lba, (len >> self.block_shift) as u32, req.fua, prps)
+    }
+
+    fn submit_data(&mut self, req: IoRequest, slot: u16, plan: DataPlan, table: &Translations) {
         match plan {
             DataPlan::Direct => {
                 for i in 0..self.pieces.len() {
@@ -457,16 +484,8 @@ impl NvmeQueue {
                         .map(|(p, l)| (table.translate(p as u64, l as u64).expect("checked by plan_data"), l));
                     // SAFETY: the PRP page of the command identifier start_command takes,
                     // idle until the command is pushed; the pieces come from prp::plan.
-                    let (prp1, prp2) = unsafe { prp::build(chunks, list, list_iova) };
-                    let mut sqe = Command::read_write(
-                        opcode,
-                        self.nsid,
-                        base_lba + (off >> block_shift) as u64,
-                        (len >> block_shift) as u32,
-                        req.fua,
-                    );
-                    sqe.prp1 = prp1;
-                    sqe.prp2 = prp2;
+                    let prps = unsafe { prp::build(chunks, list, list_iova) };
+                    let sqe = self.data_command(&req, off, len, prps);
                     self.start_command(slot, sqe, NO_BOUNCE, off, len);
                 }
             }
@@ -493,16 +512,8 @@ impl NvmeQueue {
                     }
                     let (list, list_iova) = self.next_prp_page();
                     // SAFETY: one contiguous chunk; the list page is idle.
-                    let (prp1, prp2) = unsafe { prp::build([(biova, len)].into_iter(), list, list_iova) };
-                    let mut sqe = Command::read_write(
-                        opcode,
-                        self.nsid,
-                        base_lba + (off >> block_shift) as u64,
-                        (len >> block_shift) as u32,
-                        req.fua,
-                    );
-                    sqe.prp1 = prp1;
-                    sqe.prp2 = prp2;
+                    let prps = unsafe { prp::build([(biova, len)].into_iter(), list, list_iova) };
+                    let sqe = self.data_command(&req, off, len, prps);
                     self.start_command(slot, sqe, at, off, len);
                     off += len;
                 }
@@ -598,22 +609,14 @@ impl IoQueue for NvmeQueue {
     }
 
     fn kick(&mut self) {
-        if self.unkicked.is_empty() {
-            return;
-        }
-        let now = Instant::now();
-        for &cid in &self.unkicked {
-            self.cmds[cid as usize].submitted = Some(now);
-        }
-        self.unkicked.clear();
         self.ring.ring_sq();
     }
 
     fn poll(&mut self, out: &mut [Completion]) -> usize {
         self.check_generation();
-        let mut reaped = false;
+        let mut reaped = 0;
         while let Some(e) = self.ring.pop() {
-            reaped = true;
+            reaped += 1;
             let cid = e.cid;
             if (cid as usize) < self.cmds.len() && self.cmds[cid as usize].active {
                 self.finish_command(cid, Self::status_to_result(&e));
@@ -621,14 +624,34 @@ impl IoQueue for NvmeQueue {
                 tracing::debug!(qid = self.qid, cid, "completion for no outstanding command ignored");
             }
         }
-        if reaped {
+        if reaped > 0 {
             self.ring.ring_cq();
         }
-        self.polls = self.polls.wrapping_add(1);
-        if self.polls.is_multiple_of(HEALTH_CHECK_POLLS) && self.in_flight > 0 && !self.dead {
-            self.check_health();
+        self.hybrid.polled(reaped);
+        self.health_countdown = self.health_countdown.saturating_sub(1);
+        if self.health_countdown == 0 {
+            self.health_countdown = HEALTH_CHECK_POLLS;
+            if self.in_flight > 0 && !self.dead {
+                self.check_health();
+            }
         }
         self.done.drain_into(out)
+    }
+
+    /// Kicks, then, unless something has completed already, sleeps through part of
+    /// the time the outstanding commands take (hybrid polling, see `hybrid_poll`): at
+    /// most one nap between completions, so callers that keep calling `wait` and `poll`
+    /// spin after it. Interrupts stay off: the caller polls after this returns.
+    fn wait(&mut self, timeout: Duration) {
+        self.kick();
+        if !self.done.is_empty() || self.ring.has_completion() {
+            return;
+        }
+        let outstanding = self.cmds.len() - 1 - self.free_cids.len();
+        if let Some(nap) = self.hybrid.nap(outstanding, timeout) {
+            self.health_countdown = self.health_countdown.saturating_sub(NAP_POLLS).max(1);
+            std::thread::sleep(nap);
+        }
     }
 
     fn in_flight(&self) -> usize {
@@ -642,6 +665,7 @@ impl IoQueue for NvmeQueue {
 
 impl Drop for NvmeQueue {
     fn drop(&mut self) {
+        tracing::debug!(qid = self.qid, naps = self.hybrid.naps(), "closing NVMe queue");
         let exists = !self.dead && !self.ctrl.is_dead() && self.ctrl.generation() == self.generation;
         if exists {
             if let Err(e) = self.ctrl.delete_queue_pair(self.qid) {

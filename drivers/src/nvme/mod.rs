@@ -18,6 +18,10 @@
 //!   scatter-gather layout ([`prp`]); layouts that would need a cut inside a block, and
 //!   unregistered memory, go through bounce buffers. Flush, Write Zeroes and Dataset
 //!   Management (deallocate) for the other operations.
+//! * Polling: `poll` never blocks; one SQ doorbell per `kick` and one CQ doorbell per
+//!   poll that reaped something, no MMIO read and no clock read per command. `wait`
+//!   naps for part of the outstanding commands' service time, then the caller polls
+//!   ([`hybrid_poll`]): for owners that would rather not hold a CPU spinning.
 //! * Failures: each status becomes `IoError::Nvme { sct, sc }` (names in [`status`]);
 //!   the controller is the judge of LBA ranges. A command that outlives the timeout is
 //!   aborted, and if the abort does not bring it back the controller is reset; queues
@@ -30,6 +34,7 @@
 pub mod cmd;
 pub mod controller;
 pub mod dma_space;
+pub mod hybrid_poll;
 pub mod identify;
 pub mod io_queue;
 pub mod iova;

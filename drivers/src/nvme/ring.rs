@@ -172,6 +172,17 @@ impl QueueRing {
         Some(entry)
     }
 
+    /// Whether the controller has posted a completion that `pop` would return: one read
+    /// of the head entry's phase tag, no MMIO.
+    #[inline]
+    pub fn has_completion(&self) -> bool {
+        // SAFETY: cq_head < entries, inside the CQ; u16-aligned.
+        let status = unsafe {
+            std::ptr::read_volatile(std::ptr::addr_of!((*self.layout.cq.as_ptr().add(self.cq_head as usize)).status))
+        };
+        (status & 1 != 0) == self.phase
+    }
+
     /// Tells the controller which completions were consumed.
     #[inline]
     pub fn ring_cq(&mut self) {

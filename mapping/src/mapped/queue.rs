@@ -33,7 +33,7 @@ const REAP_BATCH: usize = 64;
 const NO_TABLE: IoError = IoError::Rejected { reason: "the device has no live table: load a table and resume it" };
 const REMOVED_ERR: IoError = IoError::DeviceGone { reason: "the mapped device was removed" };
 /// `MappedQueue::last` before any pass-through request: holds no sector.
-const NO_SEGMENT_YET: HotSegment = HotSegment { start: 0, end: 0, shift: 0, child: NOT_DIRECT };
+const NO_SEGMENT_YET: HotSegment = HotSegment { start: 0, end: 0, shift: 0, child: NOT_DIRECT, max_sectors: 0 };
 
 /// An admission word no device state equals (it would take 2^62 table swaps).
 const NEVER: u64 = u64::MAX;
@@ -212,6 +212,7 @@ impl MappedQueue {
             && self.last.child != NOT_DIRECT
             && req.sectors != 0
             && req.sectors <= self.last.end - sector
+            && req.sectors <= u64::from(self.last.max_sectors)
             && (sector | req.sectors) & self.block_mask == 0
         {
             let creq = IoRequest { sector: sector.wrapping_add(self.last.shift), ..req };
@@ -511,6 +512,9 @@ fn next_piece(table: &Table, s: &crate::mapped::io_core::Slot, slot: u32) -> Opt
     let boundary = seg.boundary.load(Ordering::Relaxed);
     if boundary != 0 {
         len = len.min(boundary - offset % boundary);
+    }
+    if req.op.has_data() {
+        len = len.min(seg.max_sectors);
     }
     let sg = if !req.op.has_data() {
         SgList::empty()

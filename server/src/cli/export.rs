@@ -42,6 +42,10 @@ enum ExportCommand {
         /// Busy-poll the queues instead of sleeping on kicks.
         #[arg(long)]
         busy_poll: bool,
+        /// In event mode, the longest a queue worker polls an empty queue before sleeping
+        /// (microseconds, adapted from 0 up to this; 0: sleep at once).
+        #[arg(long, default_value_t = udm_server::vhost_blk::export::default_idle_poll_us())]
+        idle_poll_us: u32,
         /// CPUs for the queue workers (e.g. `2-3`).
         #[arg(long)]
         cpus: Option<String>,
@@ -62,7 +66,18 @@ enum ExportCommand {
 pub fn main(args: ExportArgs) -> ExitCode {
     let ctl = &args.ctl;
     match args.command {
-        ExportCommand::Add { name, device, socket, queues, queue_size, read_only, busy_poll, cpus, serial } => {
+        ExportCommand::Add {
+            name,
+            device,
+            socket,
+            queues,
+            queue_size,
+            read_only,
+            busy_poll,
+            idle_poll_us,
+            cpus,
+            serial,
+        } => {
             let cpus = match cpus.as_deref().map(parse_cpu_list).transpose() {
                 Ok(c) => c.unwrap_or_default(),
                 Err(e) => return usage_error(e),
@@ -77,6 +92,7 @@ pub fn main(args: ExportArgs) -> ExitCode {
                 "queue_size": queue_size,
                 "read_only": read_only,
                 "poll": if busy_poll { "busy" } else { "event" },
+                "idle_poll_us": idle_poll_us,
                 "cpus": cpus,
                 "serial": serial,
             });

@@ -1,5 +1,6 @@
 //! Subcommands of the `udm` CLI, one module each.
 
+pub mod backend;
 pub mod common;
 pub mod dm;
 pub mod export;

@@ -12,6 +12,8 @@ use crate::vhost_blk::ExportConfig;
 /// Every method, for `help`-style listings and tests.
 pub const METHODS: &[&str] = &[
     "backend.add",
+    "backend.remove",
+    "backend.ls",
     "dm.create",
     "dm.load",
     "dm.suspend",
@@ -52,6 +54,14 @@ struct OptName {
 struct BackendAdd {
     name: String,
     spec: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendRemove {
+    name: String,
+    #[serde(default)]
+    force: bool,
 }
 
 #[derive(Deserialize)]
@@ -157,6 +167,11 @@ pub fn call(d: &Daemon, method: &str, p: Option<Value>) -> Result<Value, RpcErro
             let a: BackendAdd = params(p)?;
             done(d.backend_add(&a.name, &a.spec))
         }
+        "backend.remove" => {
+            let a: BackendRemove = params(p)?;
+            done(d.backend_remove(&a.name, a.force))
+        }
+        "backend.ls" => to_value(d.backend_ls(params::<OptName>(p)?.name.as_deref()).map_err(failed)?),
         "dm.create" => {
             let a: DmCreate = params(p)?;
             done(d.dm_create(&a.name, a.uuid.as_deref(), a.table.as_deref()))

@@ -149,6 +149,7 @@ impl Config {
                 queue_size: 256,
                 read_only: false,
                 poll: Default::default(),
+                idle_poll_us: crate::vhost_blk::export::default_idle_poll_us(),
                 cpus: vec![],
                 serial: None,
             }],

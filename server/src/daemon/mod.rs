@@ -17,7 +17,7 @@ use udm_mapping::MappingError;
 
 use crate::vhost_blk::{Export, ExportConfig, ExportError, ExportInfo};
 use config::Config;
-pub use reports::{DeviceInfoReport, ExportStats, SnapshotReport};
+pub use reports::{BackendReport, DeviceInfoReport, ExportStats, SnapshotReport};
 
 /// Why a daemon operation failed; the message says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +48,20 @@ pub enum DaemonError {
     /// An argument is invalid.
     #[error("{0}")]
     Invalid(String),
+    /// `backend.remove` named a mapped device.
+    #[error("`{0}` is a mapped device, not a backend: remove it with `udm dm remove`")]
+    NotABackend(String),
+    /// `backend.remove` of a backend that exports serve.
+    #[error(
+        "backend `{name}` is exported by {exports}: remove the export first (`udm export remove`), \
+         or pass --force to stop it"
+    )]
+    BackendExported {
+        /// The backend.
+        name: String,
+        /// The exports serving it, comma-separated.
+        exports: String,
+    },
 }
 
 struct ExportEntry {
@@ -60,13 +74,20 @@ struct ExportEntry {
 pub struct Daemon {
     registry: Arc<Registry>,
     exports: Mutex<BTreeMap<String, ExportEntry>>,
+    /// The spec each backend added through the daemon was opened from, by name.
+    backend_specs: Mutex<BTreeMap<String, String>>,
     cpus: Vec<usize>,
 }
 
 impl Daemon {
     /// An empty daemon; exports without their own CPU list spread queues over `cpus`.
     pub fn new(cpus: Vec<usize>) -> Self {
-        Daemon { registry: Arc::new(Registry::new()), exports: Mutex::new(BTreeMap::new()), cpus }
+        Daemon {
+            registry: Arc::new(Registry::new()),
+            exports: Mutex::new(BTreeMap::new()),
+            backend_specs: Mutex::new(BTreeMap::new()),
+            cpus,
+        }
     }
 
     /// The registry.
@@ -76,6 +97,10 @@ impl Daemon {
 
     fn exports(&self) -> MutexGuard<'_, BTreeMap<String, ExportEntry>> {
         self.exports.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn backend_specs(&self) -> MutexGuard<'_, BTreeMap<String, String>> {
+        self.backend_specs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Sets up everything `config` declares, in order; stops at the first error.
@@ -99,7 +124,73 @@ impl Daemon {
     pub fn backend_add(&self, name: &str, spec: &str) -> Result<(), DaemonError> {
         let dev = open_backend(spec).map_err(|e| DaemonError::Backend { name: name.into(), reason: e.to_string() })?;
         self.registry.register_backend(name, dev)?;
+        self.backend_specs().insert(name.into(), spec.into());
         Ok(())
+    }
+
+    /// Removes a backend. Refused while an export serves it (naming the export) or a
+    /// table uses it (naming the device), unless `force`, which, like `dm remove
+    /// --force`, removes it anyway: the exports serving it are stopped (their front ends
+    /// are disconnected), and tables still using it keep their handle on the device
+    /// (its I/O goes on until they are reloaded or removed; the device is released with
+    /// the last handle).
+    pub fn backend_remove(&self, name: &str, force: bool) -> Result<(), DaemonError> {
+        // The exports lock is held throughout, so no export can start on the backend
+        // between the check and the removal.
+        let mut exports = self.exports();
+        if self.registry.info(name)?.kind != udm_mapping::DeviceKind::Backend {
+            return Err(DaemonError::NotABackend(name.into()));
+        }
+        let users: Vec<String> =
+            exports.iter().filter(|(_, e)| e.export.config().device == name).map(|(n, _)| n.clone()).collect();
+        if !users.is_empty() && !force {
+            return Err(DaemonError::BackendExported { name: name.into(), exports: users.join(", ") });
+        }
+        if !force {
+            // Tables and other openers: the registry names them and changes nothing.
+            self.registry.remove(name, false)?;
+        } else {
+            for export in &users {
+                if let Some(entry) = exports.remove(export) {
+                    tracing::warn!(backend = %name, export = %export, "forced backend removal stops its export");
+                    entry.export.stop();
+                }
+            }
+            self.registry.remove(name, true)?;
+        }
+        self.backend_specs().remove(name);
+        Ok(())
+    }
+
+    /// Every backend (or the one called `name`) with its size and users.
+    pub fn backend_ls(&self, name: Option<&str>) -> Result<Vec<BackendReport>, DaemonError> {
+        let exports = self.exports();
+        let specs = self.backend_specs();
+        let mut out = Vec::new();
+        for n in self.names(name)? {
+            let report = self.registry.info(&n)?;
+            if report.kind != udm_mapping::DeviceKind::Backend {
+                if name.is_some() {
+                    return Err(DaemonError::NotABackend(n));
+                }
+                continue;
+            }
+            let info = self.registry.device(&n)?.info();
+            let exported_by =
+                exports.iter().filter(|(_, e)| e.export.config().device == n).map(|(e, _)| e.clone()).collect();
+            out.push(BackendReport {
+                spec: specs.get(&n).cloned(),
+                sectors: report.sectors,
+                block_size: info.logical_block_size,
+                max_transfer: info.max_transfer,
+                read_only: info.read_only,
+                used_by: report.holders,
+                exported_by,
+                open_count: report.open_count,
+                name: n,
+            });
+        }
+        Ok(out)
     }
 
     /// Exports a registry device over vhost-user-blk.
@@ -185,7 +276,12 @@ impl Daemon {
 
     /// `dmsetup rename`.
     pub fn dm_rename(&self, old: &str, new: &str) -> Result<(), DaemonError> {
-        Ok(self.registry.rename(old, new)?)
+        self.registry.rename(old, new)?;
+        let mut specs = self.backend_specs();
+        if let Some(spec) = specs.remove(old) {
+            specs.insert(new.into(), spec);
+        }
+        Ok(())
     }
 
     /// `dmsetup info` for one device or every one.

@@ -60,6 +60,29 @@ impl From<DeviceReport> for DeviceInfoReport {
     }
 }
 
+/// `backend ls` of one backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendReport {
+    /// Name tables use.
+    pub name: String,
+    /// The spec it was opened from (`None` for backends made by snapshot operations).
+    pub spec: Option<String>,
+    /// Size in 512-byte sectors.
+    pub sectors: u64,
+    /// Logical block size in bytes.
+    pub block_size: u32,
+    /// Largest transfer in bytes.
+    pub max_transfer: u32,
+    /// Refuses writes.
+    pub read_only: bool,
+    /// Mapped devices whose tables use it.
+    pub used_by: Vec<String>,
+    /// Exports serving it directly.
+    pub exported_by: Vec<String>,
+    /// Open handles (exports, benchmarks).
+    pub open_count: usize,
+}
+
 /// `snapshot list` of one snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotReport {

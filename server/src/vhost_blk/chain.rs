@@ -1,10 +1,11 @@
 //! Walking a split-virtqueue descriptor chain from a given head index.
 //!
-//! virtio-queue walks chains it pops from the available ring; after a reconnect udm must
-//! walk chains it did *not* pop in this process (the in-flight ones the previous process
-//! left behind), starting from a head index recorded in the inflight region. This walker
-//! reads the same `struct virtq_desc` entries (through virtio-queue's `Descriptor`) with
-//! the same guards: a bounded number of steps, indirect tables only at the top level.
+//! virtio-queue pops heads from the available ring; udm walks the chains itself, both
+//! those it just popped and, after a reconnect, those it did *not* pop in this process
+//! (the in-flight ones the previous process left behind, by head index from the inflight
+//! region). The walker reads `struct virtq_desc` entries (virtio-queue's `Descriptor`)
+//! with one copy each and the spec's guards: a bounded number of steps, indirect tables
+//! only at the top level.
 
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress};
@@ -39,7 +40,7 @@ impl Iterator for ChainWalk<'_> {
             }
             self.ttl -= 1;
             let addr = self.table.checked_add(u64::from(idx) * 16)?;
-            let d: Descriptor = self.mem.read_obj(GuestAddress(addr)).ok()?;
+            let d = read_descriptor(self.mem, addr)?;
             if d.refers_to_indirect_table() {
                 if self.indirect || !d.len().is_multiple_of(16) || d.len() / 16 > u32::from(u16::MAX) {
                     return None;
@@ -59,20 +60,28 @@ impl Iterator for ChainWalk<'_> {
     }
 }
 
-/// Converts virtio-queue's descriptor to the parser's.
-pub fn desc(d: Descriptor) -> Desc {
-    Desc { addr: d.addr().0, len: d.len(), writable: d.is_write_only() }
+/// Reads `struct virtq_desc` at `addr`: one volatile 16-byte copy when it lies in one
+/// region (always, for a well-behaved driver), vm-memory's general path otherwise.
+#[inline]
+fn read_descriptor(mem: &GuestMem, addr: u64) -> Option<Descriptor> {
+    let Some(raw) = mem.read_array::<16>(addr) else {
+        return mem.read_obj(GuestAddress(addr)).ok();
+    };
+    let le64 = u64::from_le_bytes(raw[0..8].try_into().expect("8 bytes"));
+    let le32 = u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes"));
+    let flags = u16::from_le_bytes(raw[12..14].try_into().expect("2 bytes"));
+    let next = u16::from_le_bytes(raw[14..16].try_into().expect("2 bytes"));
+    Some(Descriptor::new(le64, le32, flags, next))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use vm_memory::GuestMemoryMmap;
 
     #[test]
     fn walks_direct_and_indirect_chains_and_stops_on_loops() {
-        let mem: GuestMem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
         let put = |at: u64, d: Descriptor| mem.write_obj(d, GuestAddress(at)).unwrap();
         let (next, write, ind) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16, VRING_DESC_F_INDIRECT as u16);
         put(0, Descriptor::new(0x1000, 16, next, 3));

@@ -34,7 +34,11 @@ impl Limits {
     /// Limits for a device, optionally forced read-only by the export.
     pub fn new(info: &DeviceInfo, read_only: bool) -> Self {
         let max_transfer = info.max_transfer.max(4096);
-        let seg_max = SEG_MAX.min(info.max_segments.max(1));
+        // virtio-blk has no field for the largest request: a driver (Linux) builds
+        // requests of up to seg_max segments of size_max bytes each. Segments are at
+        // least a page, so a device taking less than SEG_MAX pages per request (an SSD
+        // with a 128 KiB MDTS) must get fewer segments.
+        let seg_max = SEG_MAX.min(info.max_segments.max(1)).min(max_transfer / 4096);
         // Whole pages per segment, so any page-sized guest buffer fits in one segment.
         let size_max = ((max_transfer / seg_max) / 4096 * 4096).max(4096);
         Limits {
@@ -105,5 +109,28 @@ mod tests {
         assert_eq!(read_window(&c, 0, 8), c[0..8].to_vec());
         assert_eq!(read_window(&c, 90, 10)[6..], [0, 0, 0, 0]);
         assert_eq!(read_window(&c, 1000, 4), vec![0; 4]);
+    }
+
+    /// Whatever the device's limits, the largest request a driver may build from the
+    /// config space (seg_max segments of size_max) is one the device takes, and the
+    /// limits still allow at least one page per request.
+    #[test]
+    fn a_driver_obeying_the_config_never_exceeds_the_device_max_transfer() {
+        for max_transfer in (4096..=8 << 20).step_by(4096 * 7).chain([128 << 10, 256 << 10, 504 << 10, 4096 + 512]) {
+            for max_segments in [1, 2, 17, 32, 126, 128, 256, u32::MAX] {
+                let mut info = DeviceInfo::new(1 << 20, 512);
+                info.max_transfer = max_transfer;
+                info.max_segments = max_segments;
+                let l = Limits::new(&info, false);
+                let largest = u64::from(l.seg_max) * u64::from(l.size_max);
+                assert!(largest <= u64::from(max_transfer), "{max_transfer} {max_segments}: {l:?}");
+                assert!(largest <= u64::from(l.max_transfer), "{l:?}");
+                assert!(l.seg_max >= 1 && l.seg_max <= max_segments && l.size_max >= 4096, "{l:?}");
+            }
+        }
+        // A 128 KiB device: 32 page-sized segments, where 126 were offered before.
+        let mut info = DeviceInfo::new(1 << 20, 512);
+        info.max_transfer = 128 << 10;
+        assert_eq!((Limits::new(&info, false).seg_max, Limits::new(&info, false).size_max), (32, 4096));
     }
 }

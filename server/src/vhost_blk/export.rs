@@ -48,6 +48,11 @@ pub struct ExportConfig {
     /// Idle strategy of the queue workers.
     #[serde(default)]
     pub poll: PollMode,
+    /// In event mode, the longest a worker keeps polling an empty queue before it sleeps,
+    /// in microseconds (adapted between 0 and this, like QEMU's `poll-max-ns`; 0 turns
+    /// polling off).
+    #[serde(default = "default_idle_poll_us")]
+    pub idle_poll_us: u32,
     /// CPUs the queue workers are pinned to, queue i on cpus[i % len] (empty: unpinned).
     #[serde(default)]
     pub cpus: Vec<usize>,
@@ -58,6 +63,11 @@ pub struct ExportConfig {
 
 fn default_queues() -> u16 {
     1
+}
+
+/// QEMU's default `poll-max-ns` for I/O threads.
+pub fn default_idle_poll_us() -> u32 {
+    32
 }
 
 fn default_queue_size() -> u16 {
@@ -140,6 +150,7 @@ impl ExportCore {
             limits: ArcSwap::from_pointee(Limits::new(&info, config.read_only)),
             serial,
             mode: config.poll,
+            idle_poll_max: std::time::Duration::from_micros(config.idle_poll_us.into()),
             stats: (0..config.num_queues).map(|_| Arc::new(QueueStats::new())).collect(),
         });
         Ok(Arc::new(ExportCore {

@@ -477,6 +477,7 @@ mod tests {
             queue_size: 8,
             read_only: false,
             poll: PollMode::Event,
+            idle_poll_us: crate::vhost_blk::export::default_idle_poll_us(),
             cpus: vec![],
             serial: None,
         };

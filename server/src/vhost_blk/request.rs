@@ -15,12 +15,10 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::config_space::Limits;
-
-/// Guest memory as the export maps it.
-pub type GuestMem = GuestMemoryMmap<()>;
+pub use super::guest_access::GuestMem;
 
 /// Status byte values (virtio 1.2 section 5.2.6).
 pub const STATUS_OK: u8 = VIRTIO_BLK_S_OK as u8;
@@ -219,15 +217,18 @@ impl Stream<'_> {
 }
 
 /// Parses a chain. Data segments are appended to `segs` (cleared first; never grown past
-/// its capacity, so the vector's buffer never moves while requests use it).
+/// its capacity, so the vector's buffer never moves while requests use it). `descs` is the
+/// caller's scratch space for the chain's descriptors (reused, so parsing allocates and
+/// initialises nothing per request).
 pub fn parse_chain(
     mem: &GuestMem,
     chain: impl Iterator<Item = Desc>,
     limits: &Limits,
     segs: &mut Vec<IoSegment>,
+    descs: &mut Vec<Desc>,
 ) -> Result<BlkRequest, Rejection> {
     segs.clear();
-    let mut descs = [Desc::default(); MAX_CHAIN];
+    descs.clear();
     let mut n = 0usize;
     let mut total = 0usize;
     let mut readable = 0usize;
@@ -243,7 +244,7 @@ pub fn parse_chain(
             readable += 1;
         }
         if n < MAX_CHAIN {
-            descs[n] = d;
+            descs.push(d);
             n += 1;
         }
         total += 1;
@@ -252,7 +253,7 @@ pub fn parse_chain(
     let status_addr = match last {
         Some(d) if d.writable && d.len > 0 => {
             let addr = GuestAddress(d.addr.wrapping_add(u64::from(d.len) - 1));
-            mem.check_range(addr, 1).then_some(addr)
+            mem.host_range(addr.0, 1).is_some().then_some(addr)
         }
         _ => None,
     };
@@ -281,8 +282,15 @@ pub fn parse_chain(
     if out_len < HEADER_LEN as u64 {
         return Err(reject(Reason::ShortHeader(out_len as usize)));
     }
-    let mut header = [0u8; HEADER_LEN];
-    read_stream(mem, &Stream { descs: rd, skip: 0, len: HEADER_LEN as u64 }, &mut header).map_err(reject)?;
+    // Drivers put the header in a buffer of its own or at the start of the first one.
+    let header = match rd.first().filter(|d| d.len as usize >= HEADER_LEN).and_then(|d| mem.read_array(d.addr)) {
+        Some(h) => h,
+        None => {
+            let mut h = [0u8; HEADER_LEN];
+            read_stream(mem, &Stream { descs: rd, skip: 0, len: HEADER_LEN as u64 }, &mut h).map_err(reject)?;
+            h
+        }
+    };
     let kind = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
     let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
     let out_data = Stream { descs: rd, skip: HEADER_LEN as u64, len: out_len - HEADER_LEN as u64 };
@@ -381,20 +389,23 @@ fn read_stream(mem: &GuestMem, s: &Stream<'_>, out: &mut [u8]) -> Result<(), Rea
 fn translate(mem: &GuestMem, s: &Stream<'_>, segs: &mut Vec<IoSegment>, max: usize) -> Result<(), Reason> {
     let cap = segs.capacity().min(max);
     s.pieces(|addr, len| {
-        let outside = Reason::OutsideMemory { addr, len };
-        let ulen = usize::try_from(len).map_err(|_| outside)?;
-        for slice in mem.get_slices(GuestAddress(addr), ulen) {
-            let slice = slice.map_err(|_| outside)?;
+        let mut full = false;
+        mem.for_each_piece(addr, len, |host, n| {
             if segs.len() == cap {
-                return Err(Reason::TooLarge { len: s.len, segments: segs.len() + 1 });
+                full = true;
+                return false;
             }
-            let ptr = slice.ptr_guard_mut().as_ptr();
-            // SAFETY: the slice lies inside a region of guest memory mapped by the export;
+            // SAFETY: the piece lies inside a region of guest memory mapped by the export;
             // the worker keeps that mapping alive (it holds the memory's Arc) until every
             // request using these segments has completed.
-            segs.push(unsafe { IoSegment::new(ptr, slice.len()) });
-        }
-        Ok(())
+            segs.push(unsafe { IoSegment::new(host, n as usize) });
+            true
+        })
+        .ok_or(if full {
+            Reason::TooLarge { len: s.len, segments: segs.len() + 1 }
+        } else {
+            Reason::OutsideMemory { addr, len }
+        })
     })
 }
 
@@ -405,7 +416,7 @@ mod tests {
     use vm_memory::GuestAddress as GA;
 
     fn mem() -> GuestMem {
-        GuestMemoryMmap::from_ranges(&[(GA(0), 1 << 20), (GA(2 << 20), 1 << 20)]).unwrap()
+        GuestMem::from_ranges(&[(GA(0), 1 << 20), (GA(2 << 20), 1 << 20)]).unwrap()
     }
 
     fn limits(ro: bool) -> Limits {
@@ -422,7 +433,7 @@ mod tests {
 
     fn parse(mem: &GuestMem, d: &[Desc], ro: bool) -> (Result<BlkRequest, Rejection>, usize) {
         let mut segs = Vec::with_capacity(MAX_CHAIN);
-        let r = parse_chain(mem, d.iter().copied(), &limits(ro), &mut segs);
+        let r = parse_chain(mem, d.iter().copied(), &limits(ro), &mut segs, &mut Vec::new());
         (r, segs.len())
     }
 

@@ -90,11 +90,13 @@ impl QueueStats {
         }
     }
 
-    /// Counts one completed request of `bytes`.
+    /// Counts one completed request of `bytes`. Only the queue's worker counts (one
+    /// writer at a time: a restarted worker starts after the old one stopped), so a load
+    /// and a store do what a locked read-modify-write would, at a fraction of the cost.
     #[inline]
     pub fn complete(&self, kind: Kind, bytes: u64, ok: bool) {
         let bump = |c: &AtomicU64, n: u64| {
-            c.fetch_add(n, Ordering::Relaxed);
+            c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
         };
         if !ok {
             bump(&self.errors, 1);

@@ -23,8 +23,9 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::chain::{desc, ChainWalk};
+use super::chain::ChainWalk;
 use super::config_space::Limits;
+use super::idle::{IdlePolicy, IdleStep};
 use super::inflight::InflightQueue;
 use super::log_limit::LogLimit;
 use super::request::{
@@ -79,6 +80,8 @@ pub struct Shared {
     pub serial: [u8; ID_BYTES],
     /// Idle strategy.
     pub mode: PollMode,
+    /// Longest an event-mode worker polls an empty queue before sleeping (0: never).
+    pub idle_poll_max: Duration,
     /// Per-queue statistics, indexed by virtqueue.
     pub stats: Vec<Arc<QueueStats>>,
 }
@@ -154,6 +157,7 @@ pub fn spawn(
     let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| StartError::Host("eventfd", e))?);
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::clone(&shared.stats[usize::from(setup.index)]);
+    let shared_idle_max = shared.idle_poll_max;
     let size = usize::from(setup.size);
     let mut worker = Worker {
         index: setup.index,
@@ -169,6 +173,9 @@ pub fn spawn(
         free: (0..size as u16).rev().collect(),
         backlog: VecDeque::with_capacity(size),
         completions: vec![Completion::EMPTY; size.max(32)],
+        descs: Vec::with_capacity(MAX_CHAIN),
+        now: Instant::now(),
+        idle: IdlePolicy::new(shared_idle_max),
         in_flight: 0,
         need_notify: false,
         shared,
@@ -189,6 +196,7 @@ pub fn spawn(
             if let Some(cpu) = cpu {
                 crate::cpu::pin_current_thread(cpu);
             }
+            crate::cpu::set_timer_slack(1_000);
             worker.run(resubmit)
         })
         .map_err(|e| StartError::Host("spawning a queue worker", e))?;
@@ -231,6 +239,12 @@ struct Worker {
     free: Vec<u16>,
     backlog: VecDeque<IoRequest>,
     completions: Vec<Completion>,
+    /// Scratch for the descriptors of the chain being parsed.
+    descs: Vec<Desc>,
+    /// Time at the start of the current pass: requests started in one pass share it.
+    now: Instant,
+    /// What an idle event-mode worker does before it sleeps on the kick.
+    idle: IdlePolicy,
     in_flight: usize,
     need_notify: bool,
     shared: Arc<Shared>,
@@ -272,7 +286,11 @@ impl Worker {
         }
         let mut events = [EpollEvent::default(); 2];
         let mut idle_spins = 0u32;
+        let mut idle_since = Instant::now();
+        // The queue ran empty and the worker stayed awake (polled or napped) since.
+        let mut idle_awake = false;
         loop {
+            self.now = Instant::now();
             let stopping = self.stop.load(Ordering::Acquire);
             let mut progress = false;
             if !stopping {
@@ -283,7 +301,12 @@ impl Worker {
             progress |= self.reap();
             self.notify();
             if progress {
+                if idle_awake {
+                    self.idle.on_request(self.now.duration_since(idle_since));
+                    idle_awake = false;
+                }
                 idle_spins = 0;
+                idle_since = self.now;
                 continue;
             }
             if self.in_flight > 0 || !self.backlog.is_empty() {
@@ -302,6 +325,18 @@ impl Worker {
             self.retired.clear();
             match (&epoll, self.shared.mode) {
                 (Some(ep), PollMode::Event) => {
+                    idle_awake = true;
+                    match self.idle.step(self.now.duration_since(idle_since)) {
+                        IdleStep::Poll => {
+                            std::hint::spin_loop();
+                            continue;
+                        }
+                        IdleStep::Nap(d) => {
+                            std::thread::sleep(d);
+                            continue;
+                        }
+                        IdleStep::Sleep => {}
+                    }
                     match self.queue.enable_notification(&*self.mem) {
                         Ok(true) => {
                             let _ = self.queue.disable_notification(&*self.mem);
@@ -310,10 +345,14 @@ impl Worker {
                         Ok(false) => {}
                         Err(e) => self.log_error(format_args!("enabling notifications: {e:?}")),
                     }
+                    let slept = Instant::now();
                     let n = ep.wait(-1, &mut events).unwrap_or(0);
+                    self.idle.on_wake(slept.elapsed());
+                    idle_awake = false;
                     let kicked = events[..n].iter().any(|e| e.data() == 0);
                     self.drain_kick(kicked);
                     let _ = self.queue.disable_notification(&*self.mem);
+                    idle_since = Instant::now();
                 }
                 _ => std::hint::spin_loop(),
             }
@@ -374,7 +413,10 @@ impl Worker {
             if let Some(inf) = self.inflight.as_mut() {
                 inf.take(head);
             }
-            self.start(&mem, slot, head, chain.map(desc));
+            // Walked by udm's own walker (the one reconnect uses for chains it did not
+            // pop), which reads each descriptor with one copy.
+            let walk = ChainWalk::new(&mem, self.desc_table, self.size, head);
+            self.start(&mem, slot, head, walk);
         }
         progress
     }
@@ -385,7 +427,7 @@ impl Worker {
         let slot = &mut self.slots[usize::from(slot_idx)];
         slot.head = head;
         slot.req = None;
-        let req = match parse_chain(mem, descs, &limits, &mut slot.segs) {
+        let req = match parse_chain(mem, descs, &limits, &mut slot.segs, &mut self.descs) {
             Ok(r) => r,
             Err(rej) if matches!(rej.reason, Reason::OutsideMemory { .. }) && self.memory_moved_on(mem) => {
                 // The front end added a region (acknowledged) after this pass loaded the
@@ -404,7 +446,7 @@ impl Worker {
             }
         };
         slot.req = Some(req);
-        slot.started = Instant::now();
+        slot.started = self.now;
         let tag = u64::from(slot_idx);
         // SAFETY: the segments live in the slot, which is not reused (nor its vector
         // grown) until this request completes; they point into guest memory that `self.mem`
@@ -456,6 +498,7 @@ impl Worker {
             }
             any = true;
             self.in_flight -= n;
+            let now = Instant::now();
             for i in 0..n {
                 let c = self.completions[i];
                 let slot_idx = c.tag as u16;
@@ -470,7 +513,7 @@ impl Worker {
                 };
                 let slot = &self.slots[usize::from(slot_idx)];
                 if let Some(req) = slot.req {
-                    let ns = slot.started.elapsed().as_nanos() as u64;
+                    let ns = now.saturating_duration_since(slot.started).as_nanos() as u64;
                     let _ = self.latency.record(ns.max(1));
                     self.unmerged += 1;
                     let (kind, bytes) = match req.op {
@@ -500,7 +543,7 @@ impl Worker {
             None => (None, 0),
         };
         if let Some(addr) = addr {
-            if self.mem.write_obj(status, addr).is_err() {
+            if !self.mem.write_byte(addr.0, status) {
                 self.log_error(format_args!("status byte at {:#x} is no longer in guest memory", addr.0));
             }
         }

@@ -4,8 +4,9 @@
 //! on the first wrong result.
 //!
 //! * `identify BDF`: controller and namespace facts as `key=value` lines.
-//! * `integrity SPEC --threads N`: the whole namespace written and read back with mixed
-//!   request sizes and scatter-gather layouts, one queue per thread.
+//! * `integrity SPEC --threads N [--wait]`: the whole namespace written and read back
+//!   with mixed request sizes and scatter-gather layouts, one queue per thread; with
+//!   `--wait` the threads sleep in `IoQueue::wait` (hybrid polling) instead of spinning.
 //! * `out-of-range SPEC`: a read past the end fails with the controller's status.
 //! * `reset SPEC`: a controller reset with writes outstanding; every write completes
 //!   and the data reads back.
@@ -48,6 +49,9 @@ enum Check {
         /// Leave the data in place (no final discard), for a check from outside.
         #[arg(long)]
         keep: bool,
+        /// Sleep in `IoQueue::wait` whenever every slot is busy, instead of spinning.
+        #[arg(long)]
+        wait: bool,
     },
     /// A read past the end of the namespace.
     OutOfRange { spec: String },
@@ -73,7 +77,7 @@ fn main() -> ExitCode {
         .init();
     let result = match Cli::parse().check {
         Check::Identify { bdf } => identify(&bdf),
-        Check::Integrity { spec, threads, qd, seed, keep } => integrity(&spec, threads, qd, seed, keep),
+        Check::Integrity { spec, threads, qd, seed, keep, wait } => integrity(&spec, threads, qd, seed, keep, wait),
         Check::OutOfRange { spec } => out_of_range(&spec),
         Check::Reset { spec } => reset(&spec),
         Check::Timeout { spec } => timeout(&spec),
@@ -296,13 +300,29 @@ fn make_slots(dev: &NvmeNamespace, qd: usize) -> Result<(Buffers, Vec<Slot>), Fa
     Ok((Buffers { dma, heap }, slots))
 }
 
+/// What one integrity thread did.
+struct WorkerReport {
+    /// Bytes read back and checked.
+    checked: u64,
+    /// Times its queue slept in `wait`.
+    naps: u64,
+}
+
 /// Writes (pass 0) then reads and checks (pass 1) sectors `start..end` with mixed sizes
-/// and layouts, `qd` requests in flight on its own queue.
-fn integrity_worker(dev: &NvmeNamespace, start: u64, end: u64, qd: usize, seed: u64) -> Result<u64, Failure> {
+/// and layouts, `qd` requests in flight on its own queue; with `wait`, sleeps in
+/// `IoQueue::wait` whenever it has nothing to submit.
+fn integrity_worker(
+    dev: &NvmeNamespace,
+    start: u64,
+    end: u64,
+    qd: usize,
+    seed: u64,
+    wait: bool,
+) -> Result<WorkerReport, Failure> {
     let info = dev.info();
     let block = info.logical_block_size as usize;
     let bsec = block as u64 / SECTOR_SIZE;
-    let mut q = dev.open_queue(qd).map_err(|e| e.to_string())?;
+    let mut q = dev.open_nvme_queue(qd).map_err(|e| e.to_string())?;
     let (bufs, mut slots) = make_slots(dev, qd)?;
     let mut rng = Rng(seed | 1);
     let mut done = [Completion::EMPTY; 64];
@@ -353,9 +373,14 @@ fn integrity_worker(dev: &NvmeNamespace, start: u64, end: u64, qd: usize, seed: 
                 }
                 next += blocks * bsec;
             }
-            q.kick();
             if q.in_flight() == 0 && next >= end && held.is_none() {
                 break;
+            }
+            let starved = held.is_some() || next >= end || slots.iter().all(|s| s.busy);
+            if wait && starved {
+                q.wait(Duration::from_millis(10));
+            } else {
+                q.kick();
             }
             let n = q.poll(&mut done);
             for c in &done[..n] {
@@ -379,7 +404,7 @@ fn integrity_worker(dev: &NvmeNamespace, start: u64, end: u64, qd: usize, seed: 
     }
     dev.unregister_memory(bufs.dma.region()).map_err(|e| e.to_string())?;
     drop(bufs.heap);
-    Ok(checked)
+    Ok(WorkerReport { checked, naps: q.naps() })
 }
 
 /// Runs one request to completion on `q`.
@@ -395,26 +420,29 @@ fn run_one(q: &mut dyn IoQueue, req: IoRequest) -> Result<(), IoError> {
     }
 }
 
-fn integrity(spec: &str, threads: usize, qd: usize, seed: u64, keep: bool) -> Result<(), Failure> {
+fn integrity(spec: &str, threads: usize, qd: usize, seed: u64, keep: bool, wait: bool) -> Result<(), Failure> {
     let dev = open(spec)?;
     let info = dev.info();
     let bsec = u64::from(info.logical_block_size) / SECTOR_SIZE;
     let per = (info.sectors / threads as u64) / bsec * bsec;
     let t0 = Instant::now();
-    let results: Vec<Result<u64, Failure>> = std::thread::scope(|s| {
+    let results: Vec<Result<WorkerReport, Failure>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let dev = Arc::clone(&dev);
                 let start = t as u64 * per;
                 let end = if t + 1 == threads { info.sectors } else { start + per };
-                s.spawn(move || integrity_worker(&dev, start, end, qd, seed + t as u64 * 7919))
+                s.spawn(move || integrity_worker(&dev, start, end, qd, seed + t as u64 * 7919, wait))
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("worker panicked".into()))).collect()
     });
     let mut total = 0;
+    let mut naps = 0;
     for r in results {
-        total += r?;
+        let r = r?;
+        total += r.checked;
+        naps += r.naps;
     }
     if total != info.sectors * SECTOR_SIZE {
         return Err(format!("checked {total} bytes of {}", info.sectors * SECTOR_SIZE));
@@ -448,7 +476,7 @@ fn integrity(spec: &str, threads: usize, qd: usize, seed: u64, keep: bool) -> Re
     }
     run_one(q.as_mut(), IoRequest::flush(4)).map_err(|e| format!("flush: {e}"))?;
     println!(
-        "integrity ok bytes={total} threads={threads} block_size={} seconds={:.1}",
+        "integrity ok bytes={total} threads={threads} block_size={} naps={naps} seconds={:.1}",
         info.logical_block_size,
         t0.elapsed().as_secs_f64()
     );

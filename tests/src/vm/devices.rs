@@ -156,12 +156,20 @@ impl NvmeController {
 pub struct VirtioDisk {
     /// Its storage.
     pub backing: Backing,
+    /// Serial number (`/sys/block/vdX/serial` in the guest).
+    pub serial: Option<String>,
 }
 
 impl VirtioDisk {
     pub(crate) fn args(&self, index: usize) -> Vec<String> {
         let id = format!("vd{index}");
-        vec!["-drive".into(), self.backing.drive_arg(&id), "-device".into(), format!("virtio-blk-pci,drive={id}")]
+        let serial = self.serial.as_ref().map(|s| format!(",serial={s}")).unwrap_or_default();
+        vec![
+            "-drive".into(),
+            self.backing.drive_arg(&id),
+            "-device".into(),
+            format!("virtio-blk-pci,drive={id}{serial}"),
+        ]
     }
 }
 

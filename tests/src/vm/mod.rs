@@ -27,12 +27,14 @@ mod devices;
 mod error;
 mod initramfs;
 mod kernel;
+mod mailbox;
 mod run;
 
 pub use devices::{Backing, NvmeController, NvmeNamespace, VhostUserBlk, VirtioDisk};
 pub use error::VmError;
 pub use initramfs::{shared_libraries, Initramfs};
 pub use kernel::{module_depends, GuestKernel, DEFAULT_CACHE};
+pub use mailbox::{Mailbox, MAILBOX_SERIAL};
 pub use run::GuestOutput;
 
 use std::path::{Path, PathBuf};
@@ -213,7 +215,14 @@ impl Guest {
 
     /// Adds a virtio-blk disk (`/dev/vda`, … in order); load [`modules::VIRTIO_BLK`].
     pub fn virtio_disk(mut self, backing: Backing) -> Self {
-        self.virtio_disks.push(VirtioDisk { backing });
+        self.virtio_disks.push(VirtioDisk { backing, serial: None });
+        self
+    }
+
+    /// Adds `mailbox` as a virtio-blk disk with serial [`MAILBOX_SERIAL`]; the script
+    /// finds it with [`Mailbox::guest_find`]. Load [`modules::VIRTIO_BLK`].
+    pub fn mailbox(mut self, mailbox: &Mailbox) -> Self {
+        self.virtio_disks.push(VirtioDisk { backing: mailbox.backing(), serial: Some(MAILBOX_SERIAL.into()) });
         self
     }
 
