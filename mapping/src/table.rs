@@ -44,8 +44,8 @@ pub(crate) struct HotSegment {
     /// Child queue (index into [`Table::devices`]) of direct reads and writes, or
     /// [`NOT_DIRECT`] when the target maps them itself.
     pub child: u32,
-    /// [`Segment::max_sectors`], saturated: longer requests take the general path,
-    /// which splits them.
+    /// [`Segment::max_sectors`], saturated: longer direct requests take the general
+    /// path, which splits them.
     pub max_sectors: u32,
 }
 
