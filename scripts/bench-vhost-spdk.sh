@@ -123,13 +123,14 @@ spdk_hugepages_reserve
 trap 'cleanup; spdk_cleanup' EXIT
 
 # SPDK_ROUNDS=N: instead of the full run, N interleaved rounds of bdevperf randread at QD32
-# and QD1 against spdk, udm-busy and udm-event on null (null:1G) then on RAM (SPDK malloc,
+# and QD1 against spdk, udm-busy and udm-event on null (udm null:1G,read-zeroes=off: SPDK's
+# null bdev does not touch buffers either) then on RAM (SPDK malloc,
 # udm mem:512M) devices (so that the load other
 # users put on a shared machine falls on every server alike), then the median (and best
 # IOPS) per row.
 if [ -n "${SPDK_ROUNDS:-}" ]; then
   for round in $(seq "$SPDK_ROUNDS"); do
-    for pair in "spdk null" "udm-busy null:1G" "udm-event null:1G" \
+    for pair in "spdk null" "udm-busy null:1G,read-zeroes=off" "udm-event null:1G,read-zeroes=off" \
       "spdk malloc" "udm-busy mem:512M" "udm-event mem:512M"; do
       set -- $pair
       LABEL="bdevperf->$1/${2%%:*}"

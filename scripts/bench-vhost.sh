@@ -85,7 +85,7 @@ for backend in null tmpfs; do
   if [ -n "${SPDK_VHOST:-}" ] && [ $backend = null ]; then
     LABEL="spdk/null"; start_spdk null; spdk_run_set; bdevperf_set; stop
     for poll in event busy; do
-      LABEL="udm-$poll/null"; start_udm null:1G $poll; bdevperf_set; stop
+      LABEL="udm-$poll/null"; start_udm null:1G,read-zeroes=off $poll; bdevperf_set; stop
     done
     LABEL="qsd/null"; start_qsd "$QSD_DEV"; bdevperf_set; stop
   fi
