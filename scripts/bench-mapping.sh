@@ -40,8 +40,16 @@ if has linear; then
   echo "|---|---|---|---|---|---|---|---|---|---|"
   for be in null:1G mem:1G; do
     for round in $(seq 1 "$ROUNDS"); do
-      read -r ri rc <<<"$(iops --device "$be" --qd 128)"
-      read -r li lc <<<"$(iops --device "dm:$T/linear.table" --device "disk0=$be" --qd 128)"
+      # Odd rounds run raw first, even rounds linear first: each run allocates its RAM
+      # disk afresh, and what the previous run left in the page allocator (THP supply)
+      # must not favour one side.
+      if [ $((round % 2)) = 1 ]; then
+        read -r ri rc <<<"$(iops --device "$be" --qd 128)"
+        read -r li lc <<<"$(iops --device "dm:$T/linear.table" --device "disk0=$be" --qd 128)"
+      else
+        read -r li lc <<<"$(iops --device "dm:$T/linear.table" --device "disk0=$be" --qd 128)"
+        read -r ri rc <<<"$(iops --device "$be" --qd 128)"
+      fi
       python3 -c "print(f'| $be | $round | {$ri/1e6:.2f}M | {$rc:.2f} | {$rc/$ri*1e9:.0f} | {$li/1e6:.2f}M | {$lc:.2f} | {$lc/$li*1e9:.0f} | {$li/$ri:.3f} | {($li/$lc)/($ri/$rc):.3f} |')"
     done
   done
