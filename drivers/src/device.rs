@@ -112,7 +112,9 @@ pub trait IoQueue: Send {
         self.kick();
     }
 
-    /// Requests submitted and not yet returned by `poll`.
+    /// Requests submitted and not yet returned by `poll`, plus one while the queue
+    /// carries internal work that only its polls advance (a stacked device's metadata
+    /// commit other queues wait for). Zero means the queue may be left unpolled.
     fn in_flight(&self) -> usize;
 
     /// Most requests this queue holds at once.

@@ -84,3 +84,71 @@ fn racing_writers_copy_each_chunk_once_and_readers_see_old_data() {
     assert!(SyncIo::on(&reg, "s1").read_all(ORIGIN).unwrap() == original);
     assert!(SyncIo::on(&reg, "s2").read_all(ORIGIN).unwrap() == original);
 }
+
+/// A store's next metadata commit goes out on whichever queue finished the previous one,
+/// and it covers other writers' exceptions. Here queue A's commit is in flight (held by
+/// a stalled COW device) while queue B's copy finishes, so B's exception waits for the
+/// next commit, which A's queue sends when its own completes. A's write is then done but
+/// its queue still carries B's commit: `in_flight` must say so (a caller polling until
+/// zero, as the contract says, keeps B from waiting on a queue nobody polls).
+#[test]
+fn a_queue_carrying_another_writers_commit_counts_it_in_flight() {
+    use udm_drivers::backends::fault::FaultDevice;
+    use udm_drivers::{BlockDevice, Completion, IoQueue, IoRequest};
+    use udm_mapping::io_buf::IoBuf;
+
+    let reg = Registry::new();
+    reg.register_backend("odisk", mem_with(&vec![0u8; (ORIGIN * 512) as usize])).unwrap();
+    let faulty = FaultDevice::new(mem_with(&vec![0u8; 8 << 20]));
+    let cow = faulty.control();
+    reg.register_backend("c1", Arc::new(faulty) as Arc<dyn BlockDevice>).unwrap();
+    reg.create("base-real", None, Some(&format!("0 {ORIGIN} linear odisk 0"))).unwrap();
+    reg.create("s1-cow", None, Some("0 16384 linear c1 0")).unwrap();
+    reg.create("s1", None, Some(&format!("0 {ORIGIN} snapshot base-real s1-cow P 8"))).unwrap();
+    reg.create("base", None, Some(&format!("0 {ORIGIN} snapshot-origin base-real"))).unwrap();
+    let dev = reg.device("base").unwrap();
+    let (mut a, mut b) = (dev.open_queue(8).unwrap(), dev.open_queue(8).unwrap());
+    let buf = IoBuf::new(2 * 4096).unwrap();
+    let mut out = [Completion::EMPTY; 8];
+    fn poll(q: &mut Box<dyn IoQueue>, times: usize) -> usize {
+        let mut out = [Completion::EMPTY; 8];
+        let mut n = 0;
+        for _ in 0..times {
+            n += q.poll(&mut out);
+            std::thread::yield_now();
+        }
+        n
+    }
+
+    // A's copy reaches the COW (one write passes), its commit is held.
+    cow.stall_after_writes(1);
+    a.submit(IoRequest::write(0, buf.sg(0, 4096), 1)).unwrap();
+    a.kick();
+    assert_eq!(poll(&mut a, 200), 0, "A's write waits for its commit");
+    assert!(cow.held_ios() > 0, "A's commit is held by the COW device");
+    // B's copy starts (held too), then everything is let through.
+    b.submit(IoRequest::write(8, buf.sg(4096, 4096), 2)).unwrap();
+    b.kick();
+    assert_eq!(poll(&mut b, 200), 0);
+    cow.disarm();
+    // B's copy finishes while A's commit is still unreaped: B's exception waits for the
+    // next commit. Then A reaps its commit and sends the next one, B's.
+    assert_eq!(poll(&mut b, 200), 0, "B's write waits for a commit");
+    let mut a_done = 0;
+    for _ in 0..200 {
+        a_done += a.poll(&mut out);
+        if a_done > 0 {
+            break;
+        }
+    }
+    assert_eq!(a_done, 1, "A's write completes with its commit");
+    assert!(a.in_flight() > 0, "A's queue carries B's commit, so it is not idle");
+    assert_eq!(poll(&mut b, 200), 0, "B's commit is on A's queue, which nobody polled");
+    // Following the contract, A's owner polls until nothing is in flight; then B's write
+    // completes.
+    while a.in_flight() > 0 {
+        poll(&mut a, 1);
+    }
+    assert_eq!(poll(&mut b, 200), 1, "B's write completes once A's queue is drained");
+    assert_eq!(b.in_flight(), 0);
+}

@@ -4,9 +4,20 @@
 
 use udm_drivers::{Completion, IoError, IoQueue, IoRequest};
 
-/// Submits `req` and polls `queue` until it completes. The queue must be idle: every
-/// completion it returns is taken to be this request's.
+/// Submits `req` and polls `queue` until it completes and the queue has nothing left in
+/// flight (a stacked queue may carry work other threads wait for). The queue must be
+/// idle: every completion it returns is taken to be this request's.
 pub fn run(queue: &mut dyn IoQueue, req: IoRequest) -> Result<(), IoError> {
+    let result = submit_and_wait(queue, req);
+    while queue.in_flight() > 0 {
+        if queue.poll(&mut [Completion::EMPTY; 4]) == 0 {
+            std::thread::yield_now();
+        }
+    }
+    result
+}
+
+fn submit_and_wait(queue: &mut dyn IoQueue, req: IoRequest) -> Result<(), IoError> {
     let mut pending = Some(req);
     let mut out = [Completion::EMPTY; 4];
     loop {

@@ -94,6 +94,21 @@ impl MappedQueue {
         }
     }
 
+    /// Callers' requests this queue holds, until `poll` returns them.
+    fn requests_held(&self) -> usize {
+        self.io.requests_in_use() + self.held.len() + self.io.done.len()
+    }
+
+    /// Whether a target of this queue still carries internal work that only this queue's
+    /// polls advance, and that other queues may wait for: a snapshot store's metadata
+    /// commit is handed to whichever queue finished the previous one, and it covers other
+    /// writers' exceptions. `in_flight` counts it so a caller keeps polling (the
+    /// contract's "poll until `in_flight()` reaches zero") instead of going to sleep
+    /// while another thread's write waits on it.
+    fn carries_internal_work(&self) -> bool {
+        self.polled.iter().any(|&i| !self.targets[i as usize].is_idle())
+    }
+
     /// Whether nothing is in flight for the current table, so it may be replaced.
     fn idle(&self) -> bool {
         self.io.active() == 0 && self.io.blocked.is_empty() && self.targets.iter().all(|t| t.is_idle())
@@ -274,7 +289,7 @@ impl MappedQueue {
     #[cold]
     #[inline(never)]
     fn submit_slow(&mut self, req: IoRequest) -> Result<(), QueueFull> {
-        if self.in_flight() >= self.depth {
+        if self.requests_held() >= self.depth {
             return Err(QueueFull(req));
         }
         if !self.held.is_empty() {
@@ -572,7 +587,7 @@ impl IoQueue for MappedQueue {
     }
 
     fn in_flight(&self) -> usize {
-        self.io.requests_in_use() + self.held.len() + self.io.done.len()
+        self.requests_held() + usize::from(self.carries_internal_work())
     }
 
     fn depth(&self) -> usize {

@@ -309,8 +309,9 @@ impl Worker {
                 idle_since = self.now;
                 continue;
             }
-            if self.in_flight > 0 || !self.backlog.is_empty() {
-                // Waiting for the device: keep polling it (completions only come from poll).
+            if self.in_flight > 0 || !self.backlog.is_empty() || self.ioq.in_flight() > 0 {
+                // Waiting for the device: keep polling it (completions only come from poll,
+                // and a stacked queue may carry work another queue waits for).
                 std::hint::spin_loop();
                 idle_spins = idle_spins.saturating_add(1);
                 if idle_spins > 4096 {
