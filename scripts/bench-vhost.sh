@@ -5,6 +5,7 @@
 # tmpfs. Server pinned to one core, client to another. Prints JSON lines, then a table.
 #   cargo build --release -p udm-server --bin udm -p udm-tests --bin udm-vhost-bench
 #   bash scripts/bench-vhost.sh            # SECS=5 SERVER_CPU=1 CLIENT_CPU=0
+#   ROUNDS=5 SECS=3 bash scripts/bench-vhost.sh   # interleaved headline rounds only
 # With SPDK_VHOST=/path/to/spdk/build/bin/vhost (scripts/build-spdk.sh) the run also
 # measures SPDK's vhost target (null and malloc bdevs, beside udm null: and mem:), and,
 # when SPDK's bdevperf is built, every server again with SPDK's own vhost-user client;
@@ -70,8 +71,52 @@ run_set() { # label
 
 if [ -n "${SPDK_VHOST:-}" ]; then source scripts/bench-vhost-spdk.sh; fi
 
-for backend in null tmpfs; do
+# ROUNDS=N: instead of the full run, N interleaved rounds of the headline rows (libblkio,
+# null without zero fill, 4k QD32 randread and randwrite) against udm (event and busy) and
+# qsd, so the load other users put on a shared machine falls on every server alike; then
+# the median per row and udm's ratio to qsd.
+if [ -n "${ROUNDS:-}" ]; then
+  for round in $(seq "$ROUNDS"); do
+    for server in udm-event udm-busy qsd; do
+      LABEL="$server/null"
+      if [ $server = qsd ]; then
+        start_qsd "driver=null-co,node-name=n0,size=1073741824,read-zeroes=off"
+      else
+        start_udm null:1G,read-zeroes=off "${server#udm-}"
+      fi
+      for rw in randread randwrite; do
+        taskset -c "$CLIENT_CPU" "$BENCH" --socket "$SOCK" --rw $rw --qd 32 --seconds "$SECS" \
+          --server-pid "$PID" --label "$LABEL" | tee -a "$RESULTS"
+      done
+      stop
+    done
+  done
+  python3 - "$RESULTS" <<'PY'
+import json, statistics, sys
+rows = {}
+for l in open(sys.argv[1]):
+    if l.startswith("{"):
+        r = json.loads(l)
+        rows.setdefault((r["rw"], r["label"]), []).append(r)
+print("| server/backend | workload | rounds | median IOPS | median p99 us | median IOPS per server CPU-s | per-round IOPS per CPU-s | udm / qsd |")
+print("|---|---|---:|---:|---:|---:|---|---:|")
+for (rw, label), rs in sorted(rows.items()):
+    med = lambda k, rs=rs: statistics.median(r[k] for r in rs)
+    q = rows.get((rw, "qsd/null"))
+    ratio = med("iops_per_server_cpu_s") / statistics.median(r["iops_per_server_cpu_s"] for r in q) if q else 0
+    each = " ".join(f"{r['iops_per_server_cpu_s'] / 1e6:.2f}M" for r in rs)
+    print(f"| {label} | {rw.lower()} QD32 | {len(rs)} | {med('iops'):,.0f} | {med('p99_us'):.1f} | {med('iops_per_server_cpu_s'):,.0f} | {each} | {ratio:.2f}x |")
+PY
+  exit 0
+fi
+
+# null: reads leave the buffer as it is on both sides (qsd's null-co default, SPDK's null
+# bdev); null-zeroes: both fill every read with zeroes; tmpfs: a RAM file, page cache.
+for backend in null null-zeroes tmpfs; do
   if [ $backend = null ]; then
+    UDM_SPEC=null:1G,read-zeroes=off
+    QSD_DEV="driver=null-co,node-name=n0,size=1073741824,read-zeroes=off"
+  elif [ $backend = null-zeroes ]; then
     UDM_SPEC=null:1G
     QSD_DEV="driver=null-co,node-name=n0,size=1073741824,read-zeroes=on"
   else
