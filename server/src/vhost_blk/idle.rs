@@ -9,6 +9,12 @@
 //! gap it expects (the recent average between running empty and the next request)
 //! asleep on a short timer rather than spinning, so a busy queue costs little CPU while
 //! the guest never needs to kick. Guest notifications stay off for the whole window.
+//!
+//! A nap only pays when the host's timers are precise. Under some hypervisors a 10 us
+//! sleep lasts 30 us and costs 20 us of CPU (timer programming and the wake-up each
+//! leave the VM), which makes napping dearer than polling and slower too; so the policy
+//! measures how far its naps overshoot and stops napping while they overshoot by more
+//! than they sleep, probing again now and then in case the host got better.
 
 use std::time::Duration;
 
@@ -16,6 +22,8 @@ use std::time::Duration;
 const WINDOW_START: Duration = Duration::from_micros(4);
 /// Shortest nap worth a timer: below this a spin is cheaper than the sleep's own cost.
 const MIN_NAP: Duration = Duration::from_micros(5);
+/// While naps overshoot, one idle period in this many naps anyway, to measure again.
+const NAP_PROBE_EVERY: u32 = 256;
 
 /// The next thing an idle worker does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,12 +44,23 @@ pub struct IdlePolicy {
     /// Average time from running empty to the next request, over gaps shorter than `max`.
     gap: Duration,
     napped: bool,
+    /// Average time a nap lasted beyond what it asked for.
+    overshoot: Duration,
+    /// Idle periods since the last nap.
+    since_nap: u32,
 }
 
 impl IdlePolicy {
     /// A policy polling at most `max` (zero: always sleep at once).
     pub fn new(max: Duration) -> Self {
-        IdlePolicy { max, window: Duration::ZERO, gap: Duration::ZERO, napped: false }
+        IdlePolicy {
+            max,
+            window: Duration::ZERO,
+            gap: Duration::ZERO,
+            napped: false,
+            overshoot: Duration::ZERO,
+            since_nap: 0,
+        }
     }
 
     /// What to do after `idle_for` without a request.
@@ -52,9 +71,18 @@ impl IdlePolicy {
         let nap = (self.gap / 2).min(self.window - idle_for);
         if !self.napped && nap >= MIN_NAP {
             self.napped = true;
-            return IdleStep::Nap(nap);
+            self.since_nap = self.since_nap.saturating_add(1);
+            if self.overshoot <= nap || self.since_nap >= NAP_PROBE_EVERY {
+                self.since_nap = 0;
+                return IdleStep::Nap(nap);
+            }
         }
         IdleStep::Poll
+    }
+
+    /// A nap asked for `asked` lasted `took`.
+    pub fn on_nap(&mut self, asked: Duration, took: Duration) {
+        self.overshoot = (self.overshoot * 7 + took.saturating_sub(asked)) / 8;
     }
 
     /// A request arrived after `idle_for` of polling or napping (not after a sleep).
@@ -129,6 +157,41 @@ mod tests {
             p.on_request(30 * US);
         }
         assert_eq!(p.step(25 * US), IdleStep::Nap(7 * US));
+    }
+
+    #[test]
+    fn stops_napping_while_naps_overshoot_and_probes_again_later() {
+        let mut p = IdlePolicy::new(32 * US);
+        for _ in 0..10 {
+            p.on_wake(US);
+        }
+        for _ in 0..64 {
+            p.on_request(20 * US);
+        }
+        // Precise timers so far: it naps.
+        assert!(matches!(p.step(Duration::ZERO), IdleStep::Nap(_)));
+        // The host's timer adds 21 us to every 10 us nap.
+        for _ in 0..16 {
+            p.on_nap(10 * US, 31 * US);
+        }
+        p.on_request(20 * US);
+        let mut naps = 0;
+        for _ in 0..NAP_PROBE_EVERY * 2 {
+            if let IdleStep::Nap(_) = p.step(Duration::ZERO) {
+                naps += 1;
+                p.on_nap(10 * US, 31 * US);
+            }
+            p.on_request(20 * US);
+        }
+        assert_eq!(naps, 2, "one probing nap per {NAP_PROBE_EVERY} idle periods");
+        // The timer got precise again: the probes bring the average down and naps return.
+        for _ in 0..NAP_PROBE_EVERY * 8 {
+            if let IdleStep::Nap(d) = p.step(Duration::ZERO) {
+                p.on_nap(d, d + US);
+            }
+            p.on_request(20 * US);
+        }
+        assert!(matches!(p.step(Duration::ZERO), IdleStep::Nap(_)));
     }
 
     #[test]

@@ -338,7 +338,9 @@ impl Worker {
                             continue;
                         }
                         IdleStep::Nap(d) => {
+                            let napped = Instant::now();
                             std::thread::sleep(d);
+                            self.idle.on_nap(d, napped.elapsed());
                             continue;
                         }
                         IdleStep::Sleep => {}
