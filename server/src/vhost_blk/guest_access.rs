@@ -96,6 +96,19 @@ impl GuestMem {
         Some(unsafe { std::ptr::read_volatile(p as *const [u8; N]) })
     }
 
+    /// Asks the CPU to start loading the cache line holding `addr` (nothing when it is not
+    /// guest memory): the guest wrote it on another CPU, so the first read misses.
+    #[inline]
+    pub fn prefetch(&self, addr: u64) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(p) = self.host_range(addr, 1) {
+            // SAFETY: a prefetch is a hint that never faults; `p` points into a mapped region.
+            unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p as *const i8) };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = addr;
+    }
+
     /// Stores one byte at `addr` (a status byte); false when it is not guest memory.
     #[inline]
     pub fn write_byte(&self, addr: u64, value: u8) -> bool {

@@ -192,6 +192,7 @@ pub fn spawn(
         stop: Arc::clone(&stop),
         wake: Arc::clone(&wake),
         desc_table: setup.desc,
+        avail_ring: setup.avail,
         size: setup.size,
     };
     let resubmit = worker.recover(ring_used);
@@ -261,6 +262,7 @@ struct Worker {
     stop: Arc<AtomicBool>,
     wake: Arc<EventFd>,
     desc_table: u64,
+    avail_ring: u64,
     size: u16,
 }
 
@@ -422,6 +424,7 @@ impl Worker {
             };
             progress = true;
             let head = chain.head_index();
+            self.prefetch_next_chain(&mem);
             if let Some(inf) = self.inflight.as_mut() {
                 inf.take(head);
             }
@@ -440,6 +443,17 @@ impl Worker {
             }
         }
         progress
+    }
+
+    /// Starts loading the descriptor of the chain after the one just popped, so it
+    /// arrives while this one is parsed. The ring entry read may be stale (not yet
+    /// published by the guest): a wrong guess costs one useless prefetch.
+    fn prefetch_next_chain(&self, mem: &GuestMem) {
+        let slot = u64::from(self.queue.next_avail() % self.size);
+        if let Some(entry) = mem.read_array::<2>(self.avail_ring + 4 + 2 * slot) {
+            let head = u16::from_le_bytes(entry) % self.size;
+            mem.prefetch(self.desc_table + u64::from(head) * 16);
+        }
     }
 
     /// Parses one chain and submits it (or answers it at once).
