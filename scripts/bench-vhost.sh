@@ -6,6 +6,7 @@
 #   cargo build --release -p udm-server --bin udm -p udm-tests --bin udm-vhost-bench
 #   bash scripts/bench-vhost.sh            # SECS=5 SERVER_CPU=1 CLIENT_CPU=0
 #   ROUNDS=5 SECS=3 bash scripts/bench-vhost.sh   # interleaved headline rounds only
+#   IDLE_POLL_US=32 ...     # udm exports with another polling window than the default
 # With SPDK_VHOST=/path/to/spdk/build/bin/vhost (scripts/build-spdk.sh) the run also
 # measures SPDK's vhost target (null and malloc bdevs, beside udm null: and mem:), and,
 # when SPDK's bdevperf is built, every server again with SPDK's own vhost-user client;
@@ -43,6 +44,7 @@ socket = "$W/udm.sock"
 poll = "$2"
 cpus = [$SERVER_CPU]
 queue_size = 256
+${IDLE_POLL_US:+idle_poll_us = $IDLE_POLL_US}
 TOML
   rm -f "$W/udm.sock"
   taskset -c "$SERVER_CPU" "$UDM" serve --config "$W/udm.toml" > "$W/udm.log" 2>&1 &
