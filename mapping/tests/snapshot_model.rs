@@ -132,8 +132,12 @@ impl World {
                 }
                 self.made += 1;
                 let name = format!("s{}", self.made);
-                let opts =
-                    CreateOptions { cow: CowSource::parse("2M"), chunk_sectors: *chunk, persistent: *persistent };
+                let opts = CreateOptions {
+                    cow: CowSource::parse("2M"),
+                    chunk_sectors: *chunk,
+                    persistent: *persistent,
+                    existing: Default::default(),
+                };
                 snapshot_ops::create(&self.reg, "vol", &name, &opts).unwrap();
                 self.snaps.push(Snap { name, model: self.origin.clone(), persistent: *persistent });
             }

@@ -6,7 +6,7 @@ use snapshot_common as common;
 use std::time::{Duration, Instant};
 
 use common::{mem_with, SyncIo};
-use udm_mapping::snapshot_ops::{self, CowSource, CreateOptions};
+use udm_mapping::snapshot_ops::{self, CowSource, CreateOptions, ExistingCow};
 use udm_mapping::{Registry, TableSlot};
 
 fn pattern(tag: u8, len: usize) -> Vec<u8> {
@@ -14,7 +14,7 @@ fn pattern(tag: u8, len: usize) -> Vec<u8> {
 }
 
 fn opts(cow: &str, chunk: u64) -> CreateOptions {
-    CreateOptions { cow: CowSource::parse(cow), chunk_sectors: chunk, persistent: true }
+    CreateOptions { cow: CowSource::parse(cow), chunk_sectors: chunk, persistent: true, existing: ExistingCow::Refuse }
 }
 
 #[test]
@@ -65,6 +65,7 @@ fn two_snapshots_then_merge_one_back() {
         cow: CowSource::Device { name: "cows".into(), offset: 0, sectors: Some(4096) },
         chunk_sectors: 8,
         persistent: true,
+        existing: ExistingCow::Refuse,
     };
     snapshot_ops::create(&reg, "vol", "s1", &s1).unwrap();
     let b = pattern(2, 1 << 20);
@@ -75,6 +76,7 @@ fn two_snapshots_then_merge_one_back() {
         cow: CowSource::Device { name: "cows".into(), offset: 4096, sectors: Some(4096) },
         chunk_sectors: 128,
         persistent: true,
+        existing: ExistingCow::Refuse,
     };
     snapshot_ops::create(&reg, "vol", "s2", &s2).unwrap();
     assert_eq!(reg.table("s2", TableSlot::Live).unwrap(), "0 8192 snapshot vol-real s2-cow P 128\n");

@@ -36,6 +36,26 @@ pub fn check_chunk_sectors(chunk: u64, block_sectors: u64) -> Result<(), StoreEr
     Err(StoreError::BadChunkSize { chunk_sectors: chunk, reason })
 }
 
+/// Checks a snapshot's chunk size (in sectors) against the kernel's rules and against
+/// the logical block size of each device it is used on (`(name, bytes)`): the origin and
+/// the COW. The kernel refuses the same ("Chunk size is not a multiple of device
+/// blocksize"): a smaller chunk makes every copy-out a partial block, which such a
+/// device cannot write. The error says what to use instead.
+pub fn check_chunk_for_devices(chunk: u64, devices: &[(&str, u32)]) -> Result<(), String> {
+    check_chunk_sectors(chunk, 1).map_err(|e| format!("{e}: use a power of two such as 8 sectors (4 KiB)"))?;
+    for (name, block_bytes) in devices {
+        let block_sectors = u64::from(*block_bytes) / 512;
+        if !chunk.is_multiple_of(block_sectors.max(1)) {
+            return Err(format!(
+                "chunk size {chunk} sectors ({} bytes) is not a multiple of the {block_bytes}-byte logical block                  size of `{name}` (the kernel refuses it too): use a chunk of at least {} KiB",
+                chunk * 512,
+                block_bytes / 1024
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Geometry of one persistent COW store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
@@ -136,6 +156,30 @@ impl Header {
     }
 }
 
+/// udm's mark, in chunk 0 right after the kernel's 16-byte header, that a merge of this
+/// store into its origin has begun and not finished. The kernel never reads these bytes
+/// (it keeps no merge state on disk: LVM remembers a merge in its own metadata and loads
+/// `snapshot-merge` again at activation) and zeroes them whenever it writes the header,
+/// so a store the kernel initialised or invalidated carries no mark. udm sets the mark
+/// before a merge first writes the origin and clears it when nothing is left to merge,
+/// so whoever builds the stack at the next start knows to merge again
+/// (`snapshot_ops::create`).
+pub const MERGE_MARK: [u8; 8] = *b"udmMERGE";
+/// Where [`MERGE_MARK`] sits in chunk 0.
+pub const MERGE_MARK_OFFSET: usize = 16;
+
+/// Whether the first block of chunk 0 carries [`MERGE_MARK`].
+pub fn merge_marked(header_block: &[u8]) -> bool {
+    header_block.get(MERGE_MARK_OFFSET..MERGE_MARK_OFFSET + MERGE_MARK.len()) == Some(&MERGE_MARK[..])
+}
+
+/// Sets (or clears, to zeroes as the kernel leaves them) [`MERGE_MARK`] in the first
+/// block of chunk 0.
+pub fn set_merge_mark(header_block: &mut [u8], on: bool) {
+    let mark = if on { MERGE_MARK } else { [0; 8] };
+    header_block[MERGE_MARK_OFFSET..MERGE_MARK_OFFSET + MERGE_MARK.len()].copy_from_slice(&mark);
+}
+
 fn le_u32(b: &[u8]) -> u32 {
     u32::from_le_bytes(b.try_into().expect("4 bytes"))
 }
@@ -217,6 +261,20 @@ mod tests {
     }
 
     #[test]
+    fn the_merge_mark_leaves_the_kernel_header_alone() {
+        let mut block = vec![0u8; 512];
+        Header::new(8, true).encode_chunk(&mut block);
+        let header = block[..16].to_vec();
+        assert!(!merge_marked(&block));
+        set_merge_mark(&mut block, true);
+        assert!(merge_marked(&block));
+        assert_eq!(block[..16], header[..]);
+        assert_eq!(Header::decode(&block), Header::new(8, true));
+        set_merge_mark(&mut block, false);
+        assert!(!merge_marked(&block) && block[16..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
     fn chunk_sizes_follow_the_kernel_rules() {
         assert!(check_chunk_sectors(8, 1).is_ok());
         assert!(check_chunk_sectors(1, 1).is_ok());
@@ -224,5 +282,9 @@ mod tests {
         assert!(check_chunk_sectors(0, 1).is_err());
         assert!(check_chunk_sectors(4, 8).is_err());
         assert!(check_chunk_sectors(1 << 22, 1).is_err());
+        assert!(check_chunk_for_devices(8, &[("origin", 4096), ("cow", 512)]).is_ok());
+        let e = check_chunk_for_devices(4, &[("cow", 512), ("disk", 4096)]).unwrap_err();
+        assert!(e.contains("`disk`") && e.contains("at least 4 KiB"), "{e}");
+        assert!(check_chunk_for_devices(24, &[("disk", 512)]).unwrap_err().contains("power of two"));
     }
 }

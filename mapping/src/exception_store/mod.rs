@@ -16,6 +16,7 @@ pub mod dump;
 pub mod error;
 pub mod format;
 pub mod persistent;
+pub mod probe;
 pub mod sync_io;
 pub mod transient;
 

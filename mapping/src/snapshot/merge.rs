@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use udm_drivers::{IoError, IoQueue, IoRequest, SECTOR_SIZE};
 
-use crate::exception_store::sync_io;
 use crate::exception_store::MergeBatch;
+use crate::exception_store::{probe, sync_io};
 use crate::io_buf::IoBuf;
 use crate::snapshot::engine::Engine;
 use crate::snapshot::origins::OriginEntry;
@@ -110,15 +110,24 @@ fn run(snap: &Arc<SnapshotShared>, entry: &Arc<OriginEntry>, stop: &AtomicBool) 
             }
             std::thread::sleep(Duration::from_micros(100));
         }
-        while !stop.load(Ordering::Acquire) {
+        // Durably marked before the origin is first written, cleared once nothing is
+        // left: a crash in between leaves a mark that makes the next start merge again
+        // (see `format::MERGE_MARK`).
+        probe::write_merge_mark(cq.as_mut(), snap.cow.info(), true)?;
+        loop {
+            // Checked before the stop flag, so a merge that is complete clears its mark
+            // even when its table is being replaced.
             let Some(batch) = snap.prepare_merge()? else {
+                probe::write_merge_mark(cq.as_mut(), snap.cow.info(), false)?;
                 tracing::info!("merge of {} finished", snap.name);
                 return Ok(());
             };
+            if stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
             copy_out_to_others(snap, entry, batch, &mut engine);
             merge_batch(snap, batch, &buf, oq.as_mut(), cq.as_mut())?;
         }
-        Ok(())
     })();
     let _ = origin_dev.unregister_memory(buf.region());
     let _ = cow_dev.unregister_memory(buf.region());

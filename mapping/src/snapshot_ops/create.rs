@@ -3,14 +3,25 @@
 //!
 //! 1. first snapshot only: `<origin>-real` gets the origin's table; `<origin>` gets a
 //!    staged `snapshot-origin <origin>-real`;
-//! 2. `<name>-cow` is created over the COW space and its first chunk zeroed (so an old
-//!    header is never mistaken for this snapshot's);
-//! 3. `<name>` is created with its `snapshot` table loaded (this initialises the COW);
+//! 2. `<name>-cow` is created over the COW space and what it holds is inspected (see
+//!    below);
+//! 3. `<name>` is created with its `snapshot` table loaded (this initialises a blank COW,
+//!    or re-attaches the store on it);
 //! 4. `<origin>` is suspended (in-flight writes drain), then `<name>` and `<origin>` are
 //!    resumed: from here on every origin write copies out.
+//!
+//! What a COW already holds is never lost by accident ([`ExistingCow`]): like the
+//! kernel, only a COW whose header is zero is initialised; a valid store is re-attached
+//! when the caller declares that snapshot (`udm serve` rebuilding a `[[snapshot]]`), and
+//! anything else is refused unless the caller asks to re-initialise it.
 
 use udm_drivers::backend_spec::BackendSpec;
 use udm_drivers::units::parse_size;
+use udm_drivers::SECTOR_SIZE;
+
+use crate::exception_store::format::check_chunk_for_devices;
+use crate::exception_store::probe::{self, CowContents};
+use crate::io_buf::IoBuf;
 
 use crate::registry::{Registry, SuspendFlags, TableSlot};
 use crate::snapshot_ops::{cow_name, live_lines, real_name, single_target, SnapshotOpError};
@@ -46,6 +57,26 @@ impl CowSource {
     }
 }
 
+/// What `create` does with a COW that is not blank (its header magic is not zero).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExistingCow {
+    /// A new snapshot (`udm snapshot create`): anything on the COW is refused, naming
+    /// what it holds.
+    #[default]
+    Refuse,
+    /// A new snapshot over whatever the COW holds (`udm snapshot create --reinit`): its
+    /// first chunk is zeroed and the store initialised afresh.
+    Reinit,
+    /// A declared snapshot coming back (`udm serve` with a `[[snapshot]]`): a valid
+    /// store of the declared chunk size is re-attached with its exceptions; anything
+    /// else (another chunk size, an invalidated store, other data) is refused.
+    Attach,
+    /// As `Attach`, but what cannot be re-attached is re-initialised instead of refused
+    /// (`reinit = true` on the `[[snapshot]]`). A valid store is still re-attached, so
+    /// leaving the flag set never discards a healthy snapshot.
+    AttachOrReinit,
+}
+
 /// What `create` needs besides the names.
 #[derive(Debug, Clone)]
 pub struct CreateOptions {
@@ -55,6 +86,24 @@ pub struct CreateOptions {
     pub chunk_sectors: u64,
     /// `P` (LVM always uses it) or `N`.
     pub persistent: bool,
+    /// What to do with a COW that already holds something.
+    pub existing: ExistingCow,
+}
+
+/// What `create` made of the COW.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    /// A new store (the COW was blank, re-initialised on request, or transient).
+    New,
+    /// The store on the COW was re-attached.
+    Attached {
+        /// Its exceptions.
+        exceptions: usize,
+        /// A merge of it into the origin began and did not finish: the caller should
+        /// merge it again ([`crate::snapshot_ops::merge`]) once its other snapshots of
+        /// the origin exist.
+        merging: bool,
+    },
 }
 
 /// Undo steps, run in reverse if a later step fails.
@@ -64,7 +113,7 @@ enum Undo {
 }
 
 /// Creates snapshot `name` of the mapped device `origin`. See the module documentation.
-pub fn create(reg: &Registry, origin: &str, name: &str, opts: &CreateOptions) -> Result<(), SnapshotOpError> {
+pub fn create(reg: &Registry, origin: &str, name: &str, opts: &CreateOptions) -> Result<Created, SnapshotOpError> {
     let chunk = opts.chunk_sectors;
     if !chunk.is_power_of_two() || !(8..=1024).contains(&chunk) {
         return Err(SnapshotOpError::NotApplicable {
@@ -94,7 +143,7 @@ fn build(
     name: &str,
     opts: &CreateOptions,
     undo: &mut Vec<Undo>,
-) -> Result<(), SnapshotOpError> {
+) -> Result<Created, SnapshotOpError> {
     let lines = live_lines(reg, origin)?;
     let size: u64 = lines.iter().map(|l| l.length).sum();
     let real = real_name(origin);
@@ -139,11 +188,13 @@ fn build(
     let cow = cow_name(name);
     reg.create(&cow, None, Some(&format!("0 {sectors} linear {cow_dev} {offset}")))?;
     undo.push(Undo::Remove(cow.clone()));
-    // LVM zeroes the start of a fresh COW so that no stale header is read as this
-    // snapshot's store.
-    let zero = vec![0u8; (opts.chunk_sectors * 512) as usize];
-    crate::sync_io::write(reg.device(&cow)?.as_ref(), 0, &zero, true)
-        .map_err(|e| SnapshotOpError::BadCow { name: name.into(), problem: format!("zeroing its header: {e}") })?;
+    let devices = [
+        (real.as_str(), reg.device(&real)?.info().logical_block_size),
+        (cow.as_str(), reg.device(&cow)?.info().logical_block_size),
+    ];
+    check_chunk_for_devices(opts.chunk_sectors, &devices)
+        .map_err(|problem| SnapshotOpError::NotApplicable { name: name.into(), problem })?;
+    let created = if opts.persistent { prepare_cow(reg, name, &cow, size, opts)? } else { Created::New };
 
     let mode = if opts.persistent { "P" } else { "N" };
     reg.create(name, None, None)?;
@@ -153,6 +204,83 @@ fn build(
     reg.suspend(origin, SuspendFlags::default())?;
     reg.resume(name)?;
     reg.resume(origin)?;
-    tracing::info!("snapshot {name} of {origin} created ({sectors} sectors of COW on {cow_dev})");
-    Ok(())
+    match created {
+        Created::New => tracing::info!("snapshot {name} of {origin} created ({sectors} sectors of COW on {cow_dev})"),
+        Created::Attached { exceptions, .. } => {
+            tracing::info!("snapshot {name} of {origin} re-attached with {exceptions} exceptions from {cow_dev}")
+        }
+    }
+    Ok(created)
+}
+
+/// Looks at what the COW `cow` holds and decides, by `opts.existing`, whether to use it
+/// as it is (a blank COW, or a store to re-attach), zero its header so the snapshot
+/// table initialises it afresh, or refuse. `origin_sectors` bounds the store's entries.
+fn prepare_cow(
+    reg: &Registry,
+    name: &str,
+    cow: &str,
+    origin_sectors: u64,
+    opts: &CreateOptions,
+) -> Result<Created, SnapshotOpError> {
+    let bad = |problem: String| SnapshotOpError::BadCow { name: name.into(), problem };
+    let device = reg.device(cow)?;
+    let info = device.info();
+    let contents = {
+        let mut queue = device.open_queue(4).map_err(|e| bad(format!("cannot open a queue on it: {e}")))?;
+        probe::inspect(queue.as_mut(), &info, origin_sectors).map_err(|e| bad(e.to_string()))?
+    };
+    let declared = matches!(opts.existing, ExistingCow::Attach | ExistingCow::AttachOrReinit);
+    let where_ = describe(&opts.cow);
+    let refusal = match contents {
+        CowContents::Blank => return Ok(Created::New),
+        CowContents::Store(s) if declared && s.valid && s.chunk_sectors == opts.chunk_sectors => {
+            return Ok(Created::Attached { exceptions: s.exceptions, merging: s.merging });
+        }
+        CowContents::Store(s) if declared && !s.valid => format!(
+            "{where_} holds an invalidated snapshot store ({}): its snapshot is lost. Set `reinit = true` on this \
+             [[snapshot]] to start it afresh, or remove the [[snapshot]]",
+            s.describe()
+        ),
+        CowContents::Store(s) if declared => format!(
+            "{where_} holds a snapshot store with chunk {} KiB, but the snapshot is declared with chunk {} KiB: set \
+             chunk = \"{}k\" to re-attach it, or `reinit = true` to discard its {} exceptions",
+            s.chunk_sectors / 2,
+            opts.chunk_sectors / 2,
+            s.chunk_sectors / 2,
+            s.exceptions
+        ),
+        CowContents::Store(s) => format!(
+            "{where_} already holds a snapshot store ({}): a new snapshot on it would discard them. Use another COW, or \
+             pass --reinit to re-initialise it",
+            s.describe()
+        ),
+        CowContents::Unusable(why) if declared => format!(
+            "{where_} is neither blank nor a usable snapshot store ({why}). Check the cow setting, or set `reinit = \
+             true` on this [[snapshot]] to overwrite its first chunk with a new store"
+        ),
+        CowContents::Unusable(why) => format!(
+            "{where_} is neither blank nor a usable snapshot store ({why}); it may hold other data. Use another COW, or \
+             pass --reinit to overwrite its first chunk with a new store"
+        ),
+    };
+    if !matches!(opts.existing, ExistingCow::Reinit | ExistingCow::AttachOrReinit) {
+        return Err(bad(refusal));
+    }
+    tracing::warn!("re-initialising the COW of snapshot {name} as asked; it was refused as it was: {refusal}");
+    // The snapshot table initialises a COW whose header is zero (as the kernel does).
+    let zero = IoBuf::new((opts.chunk_sectors * SECTOR_SIZE) as usize)
+        .map_err(|e| bad(format!("allocating a buffer to zero its header: {e}")))?;
+    crate::sync_io::write(device.as_ref(), 0, zero.as_slice(), true)
+        .map_err(|e| bad(format!("zeroing its header: {e}")))?;
+    Ok(Created::New)
+}
+
+/// The COW as the user named it, for messages.
+fn describe(cow: &CowSource) -> String {
+    match cow {
+        CowSource::Backend(spec) => format!("`{spec}`"),
+        CowSource::Device { name, offset: 0, .. } => format!("device `{name}`"),
+        CowSource::Device { name, offset, .. } => format!("device `{name}` from sector {offset}"),
+    }
 }

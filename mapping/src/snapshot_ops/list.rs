@@ -7,9 +7,11 @@ use crate::snapshot_ops::single_target;
 /// One snapshot as `list` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotInfo {
-    /// The snapshot device (for a merge: the origin device carrying `snapshot-merge`).
+    /// The snapshot (for a merge: the COW's name minus `-cow` when LVM-style, else the
+    /// device carrying `snapshot-merge`).
     pub name: String,
-    /// The origin (`<origin>-real` minus the suffix when LVM-style).
+    /// The origin (`<origin>-real` minus the suffix when LVM-style; for a merge, the
+    /// device carrying `snapshot-merge`).
     pub origin: String,
     /// The COW device.
     pub cow: String,
@@ -58,9 +60,15 @@ pub fn list(reg: &Registry) -> Vec<SnapshotInfo> {
             (alloc * 10000).checked_div(total)
         });
         let real = line.args.first().cloned().unwrap_or_default();
+        let cow = line.args.get(1).cloned().unwrap_or_default();
+        let (name, origin) = if merging {
+            (cow.strip_suffix("-cow").map_or_else(|| name.clone(), str::to_string), name)
+        } else {
+            (name, real.strip_suffix("-real").map(str::to_string).unwrap_or(real))
+        };
         out.push(SnapshotInfo {
-            origin: real.strip_suffix("-real").map(str::to_string).unwrap_or(real),
-            cow: line.args.get(1).cloned().unwrap_or_default(),
+            origin,
+            cow,
             chunk_sectors: line.args.get(3).and_then(|c| c.parse().ok()).unwrap_or(0),
             merging,
             status,

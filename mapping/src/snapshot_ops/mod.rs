@@ -28,7 +28,7 @@ use crate::error::MappingError;
 use crate::registry::{DeviceKind, Registry, TableSlot};
 use crate::table_text::{parse_table_text, TableLine};
 
-pub use create::{create, CowSource, CreateOptions};
+pub use create::{create, CowSource, CreateOptions, Created, ExistingCow};
 pub use extend::extend;
 pub use list::{list, SnapshotInfo};
 pub use merge::{finish_merge, merge, merge_progress, MergeProgress};

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use udm_drivers::{IoError, IoOp, IoRequest};
 
 use crate::error::TargetError;
-use crate::exception_store::format::{check_chunk_sectors, DEFAULT_CHUNK_SECTORS};
+use crate::exception_store::format::{check_chunk_for_devices, DEFAULT_CHUNK_SECTORS};
 use crate::exception_store::{ExceptionStore, Persistence, PersistentStore, TransientStore};
 use crate::snapshot::engine::Engine;
 use crate::snapshot::origins::Origins;
@@ -107,6 +107,15 @@ pub(crate) fn construct_snapshot(
         return Ok(Parsed { origin, cow, persistence, shared: old });
     }
     let block_sectors = u64::from(origin.info().logical_block_size.max(cow.info().logical_block_size) / 512).max(1);
+    let chunk = if chunk == 0 { DEFAULT_CHUNK_SECTORS.max(block_sectors) } else { chunk };
+    // Both devices, as the kernel checks: the origin's block size matters as much as the
+    // COW's (a copy-out reads whole chunks of the origin).
+    let check_chunk = |chunk| {
+        let devices =
+            [(args[0].as_str(), origin.info().logical_block_size), (args[1].as_str(), cow.info().logical_block_size)];
+        check_chunk_for_devices(chunk, &devices).map_err(TargetError::Invalid)
+    };
+    check_chunk(chunk)?;
     let bad_store = |e: crate::exception_store::StoreError| TargetError::Invalid(format!("COW `{}`: {e}", cow.name()));
     let store: Box<dyn ExceptionStore> = if persistence.is_persistent() {
         let mut q = cow
@@ -115,13 +124,10 @@ pub(crate) fn construct_snapshot(
             .map_err(|e| TargetError::QueueOpen { device: cow.name(), reason: e.to_string() })?;
         let (store, _) =
             PersistentStore::activate(q.as_mut(), cow.info(), chunk, origin.info().sectors).map_err(bad_store)?;
-        if u64::from(cow.info().logical_block_size / 512) > store.chunk_sectors() {
-            return Err(TargetError::Invalid("the chunk size is smaller than the COW's logical block size".into()));
-        }
+        // The header's chunk size wins over the table's: it must pass the same checks.
+        check_chunk(store.chunk_sectors())?;
         Box::new(store)
     } else {
-        let chunk = if chunk == 0 { DEFAULT_CHUNK_SECTORS.max(block_sectors) } else { chunk };
-        check_chunk_sectors(chunk, block_sectors).map_err(bad_store)?;
         Box::new(TransientStore::new(chunk, cow.info().sectors))
     };
     let chunk_bytes = store.chunk_sectors() * 512;

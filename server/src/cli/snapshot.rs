@@ -27,9 +27,13 @@ enum SnapshotCommand {
         /// Where the COW lives: a size (RAM), a backend spec (`file:/path`), or a device.
         #[arg(long)]
         cow: String,
-        /// Chunk size, 4k to 512k.
+        /// Chunk size, 4k to 512k (a multiple of the origin's and the COW's block size).
         #[arg(long, default_value = "4k")]
         chunk: String,
+        /// Re-initialise a COW that already holds something (a snapshot store, other
+        /// data): what it held is lost. Without it such a COW is refused.
+        #[arg(long)]
+        reinit: bool,
     },
     /// Remove a snapshot (the last one takes the origin back to its plain table).
     Remove {
@@ -49,9 +53,12 @@ enum SnapshotCommand {
 pub fn main(args: SnapshotArgs) -> ExitCode {
     let ctl = &args.ctl;
     match args.command {
-        SnapshotCommand::Create { origin, name, cow, chunk } => {
-            run(ctl, "snapshot.create", json!({"origin": origin, "name": name, "cow": cow, "chunk": chunk}), quiet)
-        }
+        SnapshotCommand::Create { origin, name, cow, chunk, reinit } => run(
+            ctl,
+            "snapshot.create",
+            json!({"origin": origin, "name": name, "cow": cow, "chunk": chunk, "reinit": reinit}),
+            quiet,
+        ),
         SnapshotCommand::Remove { name } => run(ctl, "snapshot.remove", json!({"name": name}), quiet),
         SnapshotCommand::Merge { name } => run(ctl, "snapshot.merge", json!({"name": name}), quiet),
         SnapshotCommand::List => run(ctl, "snapshot.list", json!({}), render_list),

@@ -136,6 +136,9 @@ struct SnapCreate {
     cow: String,
     #[serde(default = "default_chunk")]
     chunk: String,
+    /// Re-initialise a COW that already holds something.
+    #[serde(default)]
+    reinit: bool,
 }
 
 fn default_chunk() -> String {
@@ -207,7 +210,7 @@ pub fn call(d: &Daemon, method: &str, p: Option<Value>) -> Result<Value, RpcErro
         }
         "snapshot.create" => {
             let a: SnapCreate = params(p)?;
-            done(d.snapshot_create(&a.origin, &a.name, &a.cow, &a.chunk))
+            done(d.snapshot_create(&a.origin, &a.name, &a.cow, &a.chunk, a.reinit))
         }
         "snapshot.remove" => done(d.snapshot_remove(&params::<Name>(p)?.name)),
         "snapshot.merge" => done(d.snapshot_merge(&params::<Name>(p)?.name)),

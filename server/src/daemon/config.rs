@@ -17,6 +17,7 @@
 //! name = "snap0"
 //! cow = "mem:256M"
 //! chunk = "4k"
+//! reinit = false      # true: re-initialise a COW that cannot be re-attached
 //!
 //! [[export]]
 //! name = "vol0"
@@ -88,6 +89,14 @@ pub struct SnapshotConfig {
     /// Chunk size (`4k` .. `512k`).
     #[serde(default = "default_chunk")]
     pub chunk: String,
+    /// At every start the snapshot is re-attached from its COW when that holds a valid
+    /// store of this chunk size (and merged again if a merge was cut short); a blank
+    /// COW is initialised. Anything else (other data, another chunk size, a snapshot
+    /// invalidated because it filled up) stops the start with a message, unless this
+    /// is `true`: then such a COW is re-initialised and what it held is lost. A valid
+    /// store is re-attached either way.
+    #[serde(default)]
+    pub reinit: bool,
 }
 
 fn default_control() -> PathBuf {

@@ -3,6 +3,7 @@
 //! these methods; each either succeeds or leaves everything as it was.
 
 pub mod config;
+pub mod merges;
 pub mod reports;
 
 use std::collections::BTreeMap;
@@ -12,11 +13,12 @@ use udm_drivers::backend_spec::open_backend;
 use udm_drivers::units::parse_size;
 use udm_drivers::SECTOR_SIZE;
 use udm_mapping::registry::{OpenDevice, Registry, SuspendFlags, TableSlot};
-use udm_mapping::snapshot_ops::{self, CowSource, CreateOptions, SnapshotOpError};
+use udm_mapping::snapshot_ops::{self, CowSource, CreateOptions, Created, ExistingCow, SnapshotOpError};
 use udm_mapping::MappingError;
 
 use crate::vhost_blk::{Export, ExportConfig, ExportError, ExportInfo};
 use config::Config;
+use merges::MergeFinisher;
 pub use reports::{BackendReport, DeviceInfoReport, ExportStats, SnapshotReport};
 
 /// Why a daemon operation failed; the message says what to do.
@@ -77,16 +79,21 @@ pub struct Daemon {
     /// The spec each backend added through the daemon was opened from, by name.
     backend_specs: Mutex<BTreeMap<String, String>>,
     cpus: Vec<usize>,
+    /// Finishes completed snapshot merges in the background.
+    _merges: MergeFinisher,
 }
 
 impl Daemon {
     /// An empty daemon; exports without their own CPU list spread queues over `cpus`.
     pub fn new(cpus: Vec<usize>) -> Self {
+        let registry = Arc::new(Registry::new());
+        let merges = MergeFinisher::start(Arc::downgrade(&registry));
         Daemon {
-            registry: Arc::new(Registry::new()),
+            registry,
             exports: Mutex::new(BTreeMap::new()),
             backend_specs: Mutex::new(BTreeMap::new()),
             cpus,
+            _merges: merges,
         }
     }
 
@@ -111,8 +118,24 @@ impl Daemon {
         for d in &config.devices {
             self.registry.create(&d.name, d.uuid.as_deref(), Some(&d.table))?;
         }
+        // A declared snapshot is re-attached from its COW when it holds a valid store (a
+        // blank one is initialised, anything else refused unless `reinit`). One whose
+        // merge was cut short is merged again once every declared snapshot exists, so
+        // the others are attached before the origin changes.
+        let mut merging = Vec::new();
         for s in &config.snapshots {
-            self.snapshot_create(&s.origin, &s.name, &s.cow, &s.chunk)?;
+            let existing = if s.reinit { ExistingCow::AttachOrReinit } else { ExistingCow::Attach };
+            if let Created::Attached { merging: true, exceptions } =
+                self.create_snapshot(&s.origin, &s.name, &s.cow, &s.chunk, existing)?
+            {
+                merging.push((s.name.as_str(), exceptions));
+            }
+        }
+        for (name, exceptions) in merging {
+            tracing::warn!(
+                "snapshot {name} was being merged when udm stopped: resuming the merge ({exceptions} exceptions left)"
+            );
+            self.snapshot_merge(name)?;
         }
         for e in &config.exports {
             self.export_add(e.clone())?;
@@ -329,16 +352,41 @@ impl Daemon {
         Ok(serde_json::Value::Array(list))
     }
 
-    /// `udm snapshot create`.
-    pub fn snapshot_create(&self, origin: &str, name: &str, cow: &str, chunk: &str) -> Result<(), DaemonError> {
+    /// `udm snapshot create`: on a blank COW, or over anything with `reinit`.
+    pub fn snapshot_create(
+        &self,
+        origin: &str,
+        name: &str,
+        cow: &str,
+        chunk: &str,
+        reinit: bool,
+    ) -> Result<(), DaemonError> {
+        let existing = if reinit { ExistingCow::Reinit } else { ExistingCow::Refuse };
+        self.create_snapshot(origin, name, cow, chunk, existing)?;
+        Ok(())
+    }
+
+    fn create_snapshot(
+        &self,
+        origin: &str,
+        name: &str,
+        cow: &str,
+        chunk: &str,
+        existing: ExistingCow,
+    ) -> Result<Created, DaemonError> {
         let bytes = parse_size(chunk).map_err(|e| DaemonError::Invalid(format!("chunk: {e}")))?;
         if !bytes.is_multiple_of(SECTOR_SIZE) {
             return Err(DaemonError::Invalid(format!("chunk {chunk} is not a whole number of 512-byte sectors")));
         }
-        let opts = CreateOptions { cow: CowSource::parse(cow), chunk_sectors: bytes / SECTOR_SIZE, persistent: true };
-        snapshot_ops::create(&self.registry, origin, name, &opts)?;
+        let opts = CreateOptions {
+            cow: CowSource::parse(cow),
+            chunk_sectors: bytes / SECTOR_SIZE,
+            persistent: true,
+            existing,
+        };
+        let created = snapshot_ops::create(&self.registry, origin, name, &opts)?;
         self.refresh_sizes();
-        Ok(())
+        Ok(created)
     }
 
     /// `udm snapshot remove`.
