@@ -109,16 +109,16 @@ fn declare(dir: &Path, disk_faults: &str) {
 fn write_every_other_chunk(client: &mut Client, chunks: usize) {
     let b = pattern(2, chunks * 8192);
     client.buf()[..b.len()].copy_from_slice(&b);
-    let ops: Vec<Op> =
-        (0..chunks).map(|i| Op::Write { offset: (i * 8192) as u64, buf: i * 8192, len: 4096 }).collect();
+    let ops: Vec<Op> = (0..chunks).map(|i| Op::Write { offset: (i * 8192) as u64, buf: i * 8192, len: 4096 }).collect();
     assert!(client.run(0, &ops).iter().all(|&r| r == 0));
 }
 
 /// Reads `len` bytes in 64 KiB requests.
 fn read(client: &mut Client, offset: u64, len: usize) -> Vec<u8> {
     const STEP: usize = 64 << 10;
-    let ops: Vec<Op> =
-        (0..len.div_ceil(STEP)).map(|i| Op::Read { offset: offset + (i * STEP) as u64, buf: i * STEP, len: STEP.min(len - i * STEP) }).collect();
+    let ops: Vec<Op> = (0..len.div_ceil(STEP))
+        .map(|i| Op::Read { offset: offset + (i * STEP) as u64, buf: i * STEP, len: STEP.min(len - i * STEP) })
+        .collect();
     assert!(client.run(0, &ops).iter().all(|&r| r == 0));
     client.buf()[..len].to_vec()
 }
@@ -196,6 +196,8 @@ fn a_merge_killed_midway_resumes_at_the_next_start() {
     assert!(srv.ok(&["snapshot", "list"]).contains("merging"));
     let (ok, _) = srv.udm(&["snapshot", "create", "vol0", "snap1", "--cow", "64M"]);
     assert!(!ok, "no new snapshot of an origin while it merges");
+    let (ok, err) = srv.udm(&["snapshot", "remove", "snap0"]);
+    assert!(!ok && err.contains("being merged into `vol0`"), "{err}");
     drop(srv);
 
     // Without the fault the merge completes; udm finishes it and removes the snapshot.

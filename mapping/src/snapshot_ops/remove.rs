@@ -7,6 +7,17 @@ use crate::snapshot_ops::{cow_name, origin_of, real_name, snapshots_of, Snapshot
 
 /// Removes snapshot `name` (a `snapshot` device made by [`crate::snapshot_ops::create`]).
 pub fn remove(reg: &Registry, name: &str) -> Result<(), SnapshotOpError> {
+    if let Some(merge) = crate::snapshot_ops::list(reg).into_iter().find(|s| s.merging && s.name == name) {
+        return Err(SnapshotOpError::NotApplicable {
+            name: name.into(),
+            problem: format!(
+                "is being merged into `{}` ({} of its COW left, see `udm snapshot list`): it is removed when the \
+                 merge completes; removing it now would leave the origin half rolled back",
+                merge.origin,
+                merge.data_percent() + "%"
+            ),
+        });
+    }
     let (origin, _) = origin_of(reg, name)?;
     let real = real_name(&origin);
     let last = snapshots_of(reg, &real).len() == 1;
