@@ -207,7 +207,7 @@ fn a_cow_holding_a_store_is_re_attached_refused_or_re_initialised_as_asked() {
     assert!(e.contains("40 exceptions") && e.contains("--reinit"), "{e}");
     // Declared with another chunk size: refused, saying which.
     let e = snapshot_ops::create(&reg, "vol", "snap", &opts(&cow, 16, ExistingCow::Attach)).unwrap_err().to_string();
-    assert!(e.contains("chunk 4 KiB") && e.contains("chunk = \"4k\""), "{e}");
+    assert!(e.contains("chunk 4 KiB") && e.contains("chunk \"4k\""), "{e}");
     assert!(reg.device("snap").is_err() && reg.device("vol-real").is_err());
     assert_eq!(reg.table("vol", TableSlot::Live).unwrap(), format!("0 {ORIGIN_SECTORS} linear disk 0\n"));
     drop(reg);

@@ -158,14 +158,20 @@ fn a_declared_snapshot_keeps_its_exceptions_across_restarts() {
     assert!(read(&mut snap, 0, 1 << 20) == a[..1 << 20], "the snapshot still shows the old data");
     drop(snap);
 
-    // A new snapshot over a COW that holds a store is refused, saying what it holds.
-    std::fs::copy(dir.path().join("snap0.cow"), dir.path().join("copy.cow")).unwrap();
-    let copy = format!("file:{}", dir.path().join("copy.cow").display());
-    let (ok, err) = srv.udm(&["snapshot", "create", "vol0", "snap1", "--cow", &copy]);
+    // A new snapshot over a COW that holds a store is refused, saying what it holds;
+    // --attach re-attaches it as it is, --reinit starts afresh.
+    let copy = |name: &str| {
+        std::fs::copy(dir.path().join("snap0.cow"), dir.path().join(name)).unwrap();
+        format!("file:{}", dir.path().join(name).display())
+    };
+    let (copy1, copy2) = (copy("copy1.cow"), copy("copy2.cow"));
+    let (ok, err) = srv.udm(&["snapshot", "create", "vol0", "snap1", "--cow", &copy1]);
     assert!(!ok && err.contains("48 exceptions") && err.contains("--reinit"), "{err}");
     assert!(srv.snapshot("snap1").is_none());
-    srv.ok(&["snapshot", "create", "vol0", "snap1", "--cow", &copy, "--reinit"]);
-    assert_eq!(srv.snapshot("snap1").unwrap()["status"], "16/16384 16");
+    srv.ok(&["snapshot", "create", "vol0", "snap1", "--cow", &copy1, "--attach"]);
+    assert_eq!(srv.snapshot("snap1").unwrap()["status"], before["status"]);
+    srv.ok(&["snapshot", "create", "vol0", "snap2", "--cow", &copy2, "--reinit"]);
+    assert_eq!(srv.snapshot("snap2").unwrap()["status"], "16/16384 16");
 }
 
 #[test]

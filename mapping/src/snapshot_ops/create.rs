@@ -232,36 +232,34 @@ fn prepare_cow(
     };
     let declared = matches!(opts.existing, ExistingCow::Attach | ExistingCow::AttachOrReinit);
     let where_ = describe(&opts.cow);
+    // How to ask for a re-initialisation, in the words of whoever asked for the snapshot.
+    let reinit = if declared { "`reinit = true` on its [[snapshot]] (--reinit with --attach)" } else { "--reinit" };
     let refusal = match contents {
         CowContents::Blank => return Ok(Created::New),
         CowContents::Store(s) if declared && s.valid && s.chunk_sectors == opts.chunk_sectors => {
             return Ok(Created::Attached { exceptions: s.exceptions, merging: s.merging });
         }
         CowContents::Store(s) if declared && !s.valid => format!(
-            "{where_} holds an invalidated snapshot store ({}): its snapshot is lost. Set `reinit = true` on this \
-             [[snapshot]] to start it afresh, or remove the [[snapshot]]",
+            "{where_} holds an invalidated snapshot store ({}): that snapshot is lost. Remove the snapshot, or set \
+             {reinit} to start it afresh",
             s.describe()
         ),
         CowContents::Store(s) if declared => format!(
-            "{where_} holds a snapshot store with chunk {} KiB, but the snapshot is declared with chunk {} KiB: set \
-             chunk = \"{}k\" to re-attach it, or `reinit = true` to discard its {} exceptions",
+            "{where_} holds a snapshot store with chunk {} KiB, but chunk {} KiB was asked for: ask for chunk \
+             \"{}k\" to re-attach it, or set {reinit} to discard its {} exceptions",
             s.chunk_sectors / 2,
             opts.chunk_sectors / 2,
             s.chunk_sectors / 2,
             s.exceptions
         ),
         CowContents::Store(s) => format!(
-            "{where_} already holds a snapshot store ({}): a new snapshot on it would discard them. Use another COW, or \
-             pass --reinit to re-initialise it",
+            "{where_} already holds a snapshot store ({}): a new snapshot on it would discard them. Use another COW, \
+             pass --attach to re-attach that snapshot as it is, or --reinit to re-initialise it",
             s.describe()
         ),
-        CowContents::Unusable(why) if declared => format!(
-            "{where_} is neither blank nor a usable snapshot store ({why}). Check the cow setting, or set `reinit = \
-             true` on this [[snapshot]] to overwrite its first chunk with a new store"
-        ),
         CowContents::Unusable(why) => format!(
-            "{where_} is neither blank nor a usable snapshot store ({why}); it may hold other data. Use another COW, or \
-             pass --reinit to overwrite its first chunk with a new store"
+            "{where_} is neither blank nor a usable snapshot store ({why}); it may hold other data. Check the COW, or \
+             set {reinit} to overwrite its first chunk with a new store"
         ),
     };
     if !matches!(opts.existing, ExistingCow::Reinit | ExistingCow::AttachOrReinit) {

@@ -30,8 +30,12 @@ enum SnapshotCommand {
         /// Chunk size, 4k to 512k (a multiple of the origin's and the COW's block size).
         #[arg(long, default_value = "4k")]
         chunk: String,
+        /// Re-attach the snapshot store the COW already holds (as `udm serve` does for
+        /// a declared snapshot; a merge that was cut short resumes).
+        #[arg(long)]
+        attach: bool,
         /// Re-initialise a COW that already holds something (a snapshot store, other
-        /// data): what it held is lost. Without it such a COW is refused.
+        /// data): what it held is lost. Without it (or --attach) such a COW is refused.
         #[arg(long)]
         reinit: bool,
     },
@@ -53,10 +57,10 @@ enum SnapshotCommand {
 pub fn main(args: SnapshotArgs) -> ExitCode {
     let ctl = &args.ctl;
     match args.command {
-        SnapshotCommand::Create { origin, name, cow, chunk, reinit } => run(
+        SnapshotCommand::Create { origin, name, cow, chunk, attach, reinit } => run(
             ctl,
             "snapshot.create",
-            json!({"origin": origin, "name": name, "cow": cow, "chunk": chunk, "reinit": reinit}),
+            json!({"origin": origin, "name": name, "cow": cow, "chunk": chunk, "attach": attach, "reinit": reinit}),
             quiet,
         ),
         SnapshotCommand::Remove { name } => run(ctl, "snapshot.remove", json!({"name": name}), quiet),

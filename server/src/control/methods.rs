@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::protocol::{RpcError, INVALID_PARAMS, METHOD_NOT_FOUND, OPERATION_FAILED};
-use crate::daemon::{Daemon, DaemonError};
+use crate::daemon::{CowMode, Daemon, DaemonError};
 use crate::vhost_blk::ExportConfig;
 
 /// Every method, for `help`-style listings and tests.
@@ -136,6 +136,9 @@ struct SnapCreate {
     cow: String,
     #[serde(default = "default_chunk")]
     chunk: String,
+    /// Re-attach the store a COW holds.
+    #[serde(default)]
+    attach: bool,
     /// Re-initialise a COW that already holds something.
     #[serde(default)]
     reinit: bool,
@@ -210,7 +213,13 @@ pub fn call(d: &Daemon, method: &str, p: Option<Value>) -> Result<Value, RpcErro
         }
         "snapshot.create" => {
             let a: SnapCreate = params(p)?;
-            done(d.snapshot_create(&a.origin, &a.name, &a.cow, &a.chunk, a.reinit))
+            done(d.snapshot_create(
+                &a.origin,
+                &a.name,
+                &a.cow,
+                &a.chunk,
+                CowMode { attach: a.attach, reinit: a.reinit },
+            ))
         }
         "snapshot.remove" => done(d.snapshot_remove(&params::<Name>(p)?.name)),
         "snapshot.merge" => done(d.snapshot_merge(&params::<Name>(p)?.name)),

@@ -21,6 +21,15 @@ use config::Config;
 use merges::MergeFinisher;
 pub use reports::{BackendReport, DeviceInfoReport, ExportStats, SnapshotReport};
 
+/// What `snapshot create` may do with a COW that already holds something.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CowMode {
+    /// Re-attach a valid store of the same chunk size.
+    pub attach: bool,
+    /// Re-initialise what is not re-attached (with `attach`: what cannot be).
+    pub reinit: bool,
+}
+
 /// Why a daemon operation failed; the message says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -352,17 +361,29 @@ impl Daemon {
         Ok(serde_json::Value::Array(list))
     }
 
-    /// `udm snapshot create`: on a blank COW, or over anything with `reinit`.
+    /// `udm snapshot create`: on a blank COW; with `attach`, also re-attaching the store
+    /// a COW holds (and merging it again if its merge was cut short), as a declared
+    /// snapshot does at start; with `reinit`, over anything (what it held is lost).
     pub fn snapshot_create(
         &self,
         origin: &str,
         name: &str,
         cow: &str,
         chunk: &str,
-        reinit: bool,
+        mode: CowMode,
     ) -> Result<(), DaemonError> {
-        let existing = if reinit { ExistingCow::Reinit } else { ExistingCow::Refuse };
-        self.create_snapshot(origin, name, cow, chunk, existing)?;
+        let existing = match (mode.attach, mode.reinit) {
+            (false, false) => ExistingCow::Refuse,
+            (false, true) => ExistingCow::Reinit,
+            (true, false) => ExistingCow::Attach,
+            (true, true) => ExistingCow::AttachOrReinit,
+        };
+        if let Created::Attached { merging: true, exceptions } =
+            self.create_snapshot(origin, name, cow, chunk, existing)?
+        {
+            tracing::warn!("snapshot {name} was being merged: resuming the merge ({exceptions} exceptions left)");
+            self.snapshot_merge(name)?;
+        }
         Ok(())
     }
 
