@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the host packages udm's tests and benchmarks use, and what the QEMU guests
-# need (scripts/vm-prepare.sh: QEMU, a guest kernel, busybox, dmsetup). Idempotent.
+# need (scripts/vm-prepare.sh: QEMU, a guest kernel, busybox, dmsetup), and mkfs.ext4 / mkfs.xfs
+# for the snapshot tests that loop-mount real file systems. Idempotent.
 set -euo pipefail
 need=()
-for p in fio xz-utils cpio busybox-static; do
+for p in fio xz-utils cpio busybox-static e2fsprogs xfsprogs; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
