@@ -1,5 +1,9 @@
 //! Owned, page-aligned I/O buffers that a request can point into: the exception stores'
-//! metadata chunk and the snapshots' copy-out bounce buffers.
+//! metadata chunk and header reads, the snapshots' copy-out and merge buffers, and the
+//! bounce buffer of [`crate::sync_io`] for callers' unaligned slices. This is the one
+//! aligned-buffer type of the crate: a page is a multiple of every logical block size a
+//! device may have (512 to 4096 bytes), so what an `O_DIRECT` file on ext4 or xfs, or an
+//! NVMe namespace, asks of a buffer's address always holds.
 
 use udm_drivers::dma::{DmaMemory, PagePolicy};
 use udm_drivers::{DeviceError, IoSegment, MemoryRegion, SgList};

@@ -281,15 +281,13 @@ fn a_chunk_smaller_than_either_devices_block_is_refused() {
     assert_eq!(status(&reg, "s"), "144/16384 16");
 }
 
-#[test]
-fn a_merge_cut_short_resumes_when_the_stack_is_rebuilt() {
-    let m = Mounted::new("ext4");
+/// 64 exceptions, none adjacent (64 merge batches), then a merge whose origin fails
+/// after 10 writes: it stops there, as if the daemon died. The COW keeps the other
+/// exceptions and the mark that a merge is under way. Returns the origin file, the COW
+/// file and the snapshot's data.
+fn cut_a_merge_short(m: &Mounted) -> (PathBuf, PathBuf, Vec<u8>) {
     let a = pattern(1, (ORIGIN_SECTORS * 512) as usize);
-    let (disk, cow) = files(&m, &a);
-
-    // 64 exceptions, none adjacent: 64 merge batches. The origin fails after 10 of
-    // them (the merge stops there, as if the daemon died): the COW keeps the other 54
-    // and the mark that a merge is under way.
+    let (disk, cow) = files(m, &a);
     let faulty = Arc::new(FaultDevice::new(open_file(&disk)));
     let fault = faulty.control();
     let reg = registry_with(faulty);
@@ -300,7 +298,13 @@ fn a_merge_cut_short_resumes_when_the_stack_is_rebuilt() {
     wait_status(&reg, |s| s == "Merge failed");
     let listed = snapshot_ops::list(&reg);
     assert!(listed.len() == 1 && listed[0].merging && listed[0].name == "snap" && listed[0].origin == "vol");
-    drop(reg);
+    (disk, cow, a)
+}
+
+#[test]
+fn a_merge_cut_short_resumes_when_the_stack_is_rebuilt() {
+    let m = Mounted::new("ext4");
+    let (disk, cow, a) = cut_a_merge_short(&m);
 
     // Rebuilt as `udm serve` does for a declared snapshot: the COW says "merging".
     let reg = registry_with(open_file(&disk));
@@ -321,4 +325,20 @@ fn a_merge_cut_short_resumes_when_the_stack_is_rebuilt() {
     let reg = registry_with(open_file(&disk));
     let back = snapshot_ops::create(&reg, "vol", "snap", &opts(&cow, 8, ExistingCow::Attach)).unwrap();
     assert_eq!(back, Created::Attached { exceptions: 0, merging: false });
+}
+
+/// The kernel's way (what LVM does at activation): a `snapshot-merge` table loaded over
+/// a COW with exceptions left goes on merging from where the COW stands.
+#[test]
+fn a_snapshot_merge_table_over_a_cut_merge_continues_it() {
+    let m = Mounted::new("ext4");
+    let (disk, cow, a) = cut_a_merge_short(&m);
+    let reg = Registry::new();
+    reg.register_backend("disk", open_file(&disk)).unwrap();
+    reg.register_backend("cowfile", open_file(&cow)).unwrap();
+    reg.create("vol-real", None, Some(&format!("0 {ORIGIN_SECTORS} linear disk 0"))).unwrap();
+    reg.create("snap-cow", None, Some("0 8192 linear cowfile 0")).unwrap();
+    reg.create("vol", None, Some(&format!("0 {ORIGIN_SECTORS} snapshot-merge vol-real snap-cow P 8"))).unwrap();
+    assert_eq!(wait_status(&reg, merged), "16/8192 16");
+    assert!(SyncIo::on(&reg, "vol").read_all(ORIGIN_SECTORS).unwrap() == a, "the origin has the snapshot's data");
 }
