@@ -122,3 +122,35 @@ pub fn write_merge_mark(queue: &mut dyn IoQueue, cow: &DeviceInfo, on: bool) -> 
     sync_io::run(queue, IoRequest::write(0, block.sg(0, len), 0).with_fua())
         .map_err(|source| StoreError::Io { during: "writing the merge mark", source })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use udm_drivers::backends::mem::MemDevice;
+    use udm_drivers::BlockDevice;
+
+    #[test]
+    fn inspect_tells_blank_stores_and_other_data_apart_and_the_mark_follows_the_store() {
+        let dev = MemDevice::new(1 << 20, 512).unwrap();
+        let info = dev.info();
+        let mut q = dev.open_queue(4).unwrap();
+        assert_eq!(inspect(q.as_mut(), &info, 2048).unwrap(), CowContents::Blank);
+        assert!(write_merge_mark(q.as_mut(), &info, true).is_err(), "no store, no mark");
+
+        PersistentStore::activate(q.as_mut(), &info, 8, 2048).unwrap();
+        let fresh = StoreSummary { chunk_sectors: 8, valid: true, exceptions: 0, merging: false };
+        assert_eq!(inspect(q.as_mut(), &info, 2048).unwrap(), CowContents::Store(fresh));
+        write_merge_mark(q.as_mut(), &info, true).unwrap();
+        let marked = StoreSummary { merging: true, ..fresh };
+        assert_eq!(inspect(q.as_mut(), &info, 2048).unwrap(), CowContents::Store(marked));
+        assert!(marked.describe().contains("being merged"));
+        write_merge_mark(q.as_mut(), &info, false).unwrap();
+        assert_eq!(inspect(q.as_mut(), &info, 2048).unwrap(), CowContents::Store(fresh));
+
+        let mut junk = IoBuf::new(512).unwrap();
+        junk.as_mut_slice()[..4].copy_from_slice(b"XFSB");
+        sync_io::run(q.as_mut(), IoRequest::write(0, junk.sg(0, 512), 0)).unwrap();
+        let CowContents::Unusable(why) = inspect(q.as_mut(), &info, 2048).unwrap() else { panic!("junk accepted") };
+        assert!(why.contains("magic"), "{why}");
+    }
+}
