@@ -200,8 +200,8 @@ fn a_merge_killed_midway_resumes_at_the_next_start() {
     assert_eq!(resumed["origin"], "vol0");
     assert!(allocated(&resumed) < full, "{resumed}");
     assert!(srv.ok(&["snapshot", "list"]).contains("merging"));
-    let (ok, _) = srv.udm(&["snapshot", "create", "vol0", "snap1", "--cow", "64M"]);
-    assert!(!ok, "no new snapshot of an origin while it merges");
+    let (ok, err) = srv.udm(&["snapshot", "create", "vol0", "snap1", "--cow", "64M"]);
+    assert!(!ok && err.contains("once the merge completes"), "no new snapshot of an origin while it merges: {err}");
     let (ok, err) = srv.udm(&["snapshot", "remove", "snap0"]);
     assert!(!ok && err.contains("being merged into `vol0`"), "{err}");
     drop(srv);

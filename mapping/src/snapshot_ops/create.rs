@@ -149,6 +149,16 @@ fn build(
     let real = real_name(origin);
     let first = single_target(reg, origin, "snapshot-origin").is_none();
     if first {
+        if let Some(merge) = lines.iter().find(|l| l.target == "snapshot-merge") {
+            let cow = merge.args.get(1).map_or("", String::as_str);
+            return Err(SnapshotOpError::NotApplicable {
+                name: origin.into(),
+                problem: format!(
+                    "is merging the snapshot on `{cow}`: take a new snapshot once the merge completes (its progress \
+                     is in `udm snapshot list`)"
+                ),
+            });
+        }
         if lines.iter().any(|l| l.target.starts_with("snapshot")) {
             return Err(SnapshotOpError::NotApplicable {
                 name: origin.into(),
