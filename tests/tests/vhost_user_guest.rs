@@ -29,6 +29,8 @@ fn export(dir: &Path, name: &str, queues: u16, read_only: bool) -> ExportConfig 
         idle_poll_us: udm_server::vhost_blk::export::default_idle_poll_us(),
         cpus: vec![],
         serial: Some(format!("udm-{name}")),
+        socket_mode: None,
+        socket_group: None,
     }
 }
 

@@ -1,13 +1,20 @@
 //! The kernel's lifecycle of a mapped device (spec §1.2): create, load, suspend, resume,
 //! clear, remove, rename.
+//!
+//! Waiting for a device's I/O to drain (suspend, remove, a resume that swaps tables)
+//! happens without the registry lock, like the kernel's per-device `suspend_lock`: one
+//! device whose I/O does not complete must not stop `ls` or the lifecycle of any other
+//! device. While a device drains, other suspend/resume/remove calls on it are refused
+//! ([`MappingError::InTransition`]); load, clear, rename and the reports go on.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use udm_drivers::BlockDevice;
 
 use crate::error::MappingError;
-use crate::mapped::MappedDevice;
+use crate::mapped::{InFlight, MappedDevice};
 use crate::registry::load::build_table;
 use crate::registry::names::{validate_name, validate_uuid};
 use crate::registry::{Entry, MappedEntry, Registry, SuspendFlags};
@@ -100,12 +107,38 @@ impl Registry {
     /// Suspends `name`: pre-suspend hooks, stop admitting (new I/O is held, in order),
     /// wait for all I/O in flight, flush the devices below (unless `noflush`),
     /// post-suspend hooks. Suspending a suspended device does nothing. The threads that
-    /// own queues on the device must keep polling for the drain to finish.
+    /// own queues on the device must keep polling for the drain to finish. Waits as
+    /// long as the drain takes (dmsetup's default); see [`Registry::suspend_within`].
     pub fn suspend(&self, name: &str, flags: SuspendFlags) -> Result<(), MappingError> {
-        let st = self.lock();
-        let m = st.get_mapped(name)?;
-        suspend_device(&m.dev, flags);
-        Ok(())
+        self.suspend_within(name, flags, None)
+    }
+
+    /// [`Registry::suspend`], giving up after `timeout` if I/O is still in flight: then
+    /// the device is resumed as it was (held I/O released, the live table's resume
+    /// hooks run) and the error says what was still in flight, per queue.
+    pub fn suspend_within(
+        &self,
+        name: &str,
+        flags: SuspendFlags,
+        timeout: Option<Duration>,
+    ) -> Result<(), MappingError> {
+        let (dev, _transition) = {
+            let st = self.lock();
+            let m = st.get_mapped(name)?;
+            if m.dev.is_suspended() && m.dev.transition().is_none() {
+                return Ok(());
+            }
+            let t = m
+                .dev
+                .begin_transition("suspended")
+                .map_err(|op| MappingError::InTransition { name: name.to_string(), op })?;
+            (m.dev.clone(), t)
+        };
+        let deadline = timeout.map(|t| Instant::now() + t);
+        suspend_device(&dev, flags, deadline).map_err(|in_flight| {
+            tracing::warn!(device = %name, %in_flight, "suspend timed out; device left active");
+            MappingError::SuspendTimedOut { name: name.to_string(), timeout: timeout.unwrap_or_default(), in_flight }
+        })
     }
 
     /// Resumes `name`. With an inactive table: suspends first if needed, runs the new
@@ -113,12 +146,28 @@ impl Registry {
     /// table staged), swaps it live, destroys the old one. Then resume hooks, and the
     /// held I/O is released, mapped by the live table. Without one: a plain resume.
     pub fn resume(&self, name: &str) -> Result<(), MappingError> {
+        let must_drain = {
+            let st = self.lock();
+            let m = st.get_mapped(name)?;
+            m.inactive.is_some() && !m.dev.is_suspended()
+        };
+        if must_drain {
+            // A table swaps only on a drained device; drain without the registry lock.
+            self.suspend(name, SuspendFlags::default())?;
+        }
         let mut st = self.lock();
         let m = st.get_mapped_mut(name)?;
+        if let Some(op) = m.dev.transition() {
+            return Err(MappingError::InTransition { name: name.to_string(), op });
+        }
         let veto = |source| MappingError::Target { name: name.to_string(), source: Box::new(source) };
         match m.inactive.clone() {
             Some(new) => {
-                suspend_device(&m.dev, SuspendFlags::default());
+                if !m.dev.is_suspended() {
+                    // Resumed by another command between the drain and here: drain again.
+                    drop(st);
+                    return self.resume(name);
+                }
                 preresume(&new).map_err(veto)?;
                 m.inactive = None;
                 let old = m.dev.live_table();
@@ -150,6 +199,9 @@ impl Registry {
     pub fn remove(&self, name: &str, force: bool) -> Result<(), MappingError> {
         let mut st = self.lock();
         let e = st.get(name)?;
+        if let Some(op) = e.mapped.as_ref().and_then(|m| m.dev.transition()) {
+            return Err(MappingError::InTransition { name: name.to_string(), op });
+        }
         if !force {
             let holders = st.holders_of(e.id);
             let opens = e.opens.load(Ordering::Acquire);
@@ -163,16 +215,20 @@ impl Registry {
                 return Err(MappingError::Busy { name: name.to_string(), reason: format!("open {opens} time(s)") });
             }
         }
-        let e = st.entries.remove(name).expect("looked up above");
-        if let Some(m) = e.mapped {
-            m.dev.mark_removed();
-            if !m.dev.is_suspended() {
-                m.dev.stop_admission();
-                m.dev.wait_drained();
-            }
-            destroy_all(&m);
-            m.dev.publish(None);
+        let Some(e) = st.entries.remove(name) else { return Err(MappingError::NoSuchDevice(name.to_string())) };
+        let Some(m) = e.mapped else { return Ok(()) };
+        m.dev.mark_removed();
+        if !m.dev.is_suspended() {
+            m.dev.stop_admission();
+            // Out of the namespace already: drain without the registry lock, then
+            // destroy the tables under it, as every table change is.
+            drop(st);
+            let _ = m.dev.wait_drained(None);
+            st = self.lock();
         }
+        destroy_all(&m);
+        m.dev.publish(None);
+        drop(st);
         Ok(())
     }
 
@@ -194,17 +250,26 @@ impl Registry {
     }
 }
 
-/// Suspends one mapped device (see [`Registry::suspend`]).
-fn suspend_device(dev: &MappedDevice, flags: SuspendFlags) {
+/// Suspends one mapped device (see [`Registry::suspend`]); past `deadline`, resumes it
+/// and returns what was still in flight.
+fn suspend_device(dev: &MappedDevice, flags: SuspendFlags, deadline: Option<Instant>) -> Result<(), InFlight> {
     if dev.is_suspended() {
-        return;
+        return Ok(());
     }
     let live = dev.live_table();
     if let Some(t) = &live {
         t.for_each_target(|t| t.presuspend());
     }
     dev.stop_admission();
-    dev.wait_drained();
+    if let Err(in_flight) = dev.wait_drained(deadline) {
+        // Undo, as the kernel does when a suspend is interrupted: the live table's
+        // resume hooks undo the pre-suspend ones (a merge restarts), then held I/O goes.
+        match &live {
+            Some(t) => finish_resume(dev, t),
+            None => dev.start_admission(),
+        }
+        return Err(in_flight);
+    }
     if let Some(t) = &live {
         if !flags.noflush {
             for d in t.devices.iter() {
@@ -217,6 +282,7 @@ fn suspend_device(dev: &MappedDevice, flags: SuspendFlags) {
         }
         t.for_each_target(|t| t.postsuspend());
     }
+    Ok(())
 }
 
 fn preresume(table: &Table) -> Result<(), crate::error::TargetError> {
