@@ -311,3 +311,70 @@ fn destroy_all(m: &MappedEntry) {
         t.for_each_target(|t| t.destroy());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use udm_drivers::backends::fault::FaultDevice;
+    use udm_drivers::{Completion, IoRequest};
+
+    use super::*;
+    use crate::io_buf::IoBuf;
+    use crate::registry::DeviceState;
+    use crate::test_fixtures::mem_device;
+
+    fn state(reg: &Registry, name: &str) -> DeviceState {
+        reg.info(name).unwrap().state
+    }
+
+    /// One stalled device: a suspend with a timeout gives up, reports the request in
+    /// flight and leaves the device active; a suspend that waits holds no registry-wide
+    /// lock (other devices' lifecycle and the reports go on) and refuses conflicting
+    /// operations on its own device until it ends.
+    #[test]
+    fn a_stalled_device_times_out_its_suspend_and_freezes_nothing_else() {
+        let reg = Registry::new();
+        let fault = Arc::new(FaultDevice::new(mem_device(&[0u8; 1 << 16])));
+        let stall = fault.control();
+        reg.register_backend("disk", fault).unwrap();
+        reg.create("slow", None, Some("0 64 linear disk 0")).unwrap();
+        let dev = reg.device("slow").unwrap();
+        let mut q = dev.open_queue(4).unwrap();
+        stall.stall_after_writes(0);
+        let buf = IoBuf::new(512).unwrap();
+        q.submit(IoRequest::write(0, buf.sg(0, 512), 7)).unwrap();
+        q.kick();
+
+        let e = reg.suspend_within("slow", SuspendFlags::default(), Some(Duration::from_millis(20))).unwrap_err();
+        match &e {
+            MappingError::SuspendTimedOut { in_flight, .. } => assert_eq!(in_flight.per_queue, vec![1]),
+            other => panic!("expected a timeout, got {other}"),
+        }
+        assert!(e.to_string().contains("1 request(s) in flight (queue 0: 1)"), "{e}");
+        assert_eq!(state(&reg, "slow"), DeviceState::Active);
+
+        std::thread::scope(|s| {
+            let waiting = s.spawn(|| reg.suspend("slow", SuspendFlags::default()));
+            while state(&reg, "slow") != DeviceState::Suspended {
+                std::thread::yield_now();
+            }
+            assert!(reg.ls().iter().any(|(n, _)| n == "slow"));
+            reg.create("fast", None, Some("0 8 zero")).unwrap();
+            reg.suspend("fast", SuspendFlags::default()).unwrap();
+            reg.resume("fast").unwrap();
+            reg.remove("fast", false).unwrap();
+            for refused in [reg.resume("slow"), reg.remove("slow", true)] {
+                assert!(matches!(refused, Err(MappingError::InTransition { op: "suspended", .. })), "{refused:?}");
+            }
+            stall.disarm();
+            let mut out = [Completion::EMPTY; 1];
+            while q.poll(&mut out) == 0 {}
+            assert_eq!((out[0].tag, out[0].result), (7, Ok(())));
+            waiting.join().unwrap().unwrap();
+        });
+        assert_eq!(state(&reg, "slow"), DeviceState::Suspended);
+        reg.resume("slow").unwrap();
+        assert_eq!(state(&reg, "slow"), DeviceState::Active);
+    }
+}
