@@ -271,7 +271,8 @@ fn idle_control_connections_are_bounded_and_a_real_command_still_answers() {
         (0..300).map(|_| UnixStream::connect(dir.path().join("udm.ctl")).unwrap()).collect();
     assert!(d.ok(&["dm", "ls"]).contains("vol0"));
     let cap = udm_server::control::server::MAX_CLIENTS;
-    assert!(d.threads() <= baseline + cap, "{} threads with {} idle clients", d.threads(), idle.len());
+    // Connections closed to make room end their threads at once, but asynchronously.
+    wait_until("at most one thread per allowed connection", || d.threads() <= baseline + cap);
     let mut closed = 0;
     for mut s in idle {
         s.set_nonblocking(true).unwrap();
