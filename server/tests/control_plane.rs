@@ -134,9 +134,7 @@ fn an_export_name_is_reusable_only_after_its_removal_finished() {
         let daemon = Arc::clone(&daemon);
         std::thread::spawn(move || daemon.export_remove("disk"))
     };
-    wait_until("the removal started", || {
-        !daemon.export_ls().iter().any(|e| e.config.name == "disk" && !e.removing)
-    });
+    wait_until("the removal started", || !daemon.export_ls().iter().any(|e| e.config.name == "disk" && !e.removing));
     let err = daemon.export_add(config.clone()).expect_err("the name is still being removed");
     assert!(err.to_string().contains("being removed"), "{err}");
 
@@ -267,8 +265,7 @@ fn idle_control_connections_are_bounded_and_a_real_command_still_answers() {
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(dir.path(), Start::default());
     let baseline = d.threads();
-    let idle: Vec<UnixStream> =
-        (0..300).map(|_| UnixStream::connect(dir.path().join("udm.ctl")).unwrap()).collect();
+    let idle: Vec<UnixStream> = (0..300).map(|_| UnixStream::connect(dir.path().join("udm.ctl")).unwrap()).collect();
     assert!(d.ok(&["dm", "ls"]).contains("vol0"));
     let cap = udm_server::control::server::MAX_CLIENTS;
     // Connections closed to make room end their threads at once, but asynchronously.

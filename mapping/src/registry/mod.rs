@@ -188,12 +188,7 @@ impl Registry {
         let st = self.lock();
         let e = st.get(name)?;
         e.opens.fetch_add(1, Ordering::AcqRel);
-        Ok(OpenDevice {
-            id: e.id,
-            name: e.name.clone(),
-            device: Arc::clone(&e.block),
-            opens: Arc::clone(&e.opens),
-        })
+        Ok(OpenDevice { id: e.id, name: e.name.clone(), device: Arc::clone(&e.block), opens: Arc::clone(&e.opens) })
     }
 
     /// The identity of the device called `name` now (see [`OpenDevice::id`]).

@@ -93,7 +93,13 @@ impl Drop for ControlServer {
     }
 }
 
-fn accept_loop(listener: &UnixListener, stop: &AtomicBool, wake: &EventFd, clients: &Arc<Clients>, daemon: &Arc<Daemon>) {
+fn accept_loop(
+    listener: &UnixListener,
+    stop: &AtomicBool,
+    wake: &EventFd,
+    clients: &Arc<Clients>,
+    daemon: &Arc<Daemon>,
+) {
     let epoll = match Epoll::new().and_then(|ep| {
         ep.ctl(ControlOperation::Add, listener.as_raw_fd(), EpollEvent::new(EventSet::IN, 0))?;
         ep.ctl(ControlOperation::Add, wake.as_raw_fd(), EpollEvent::new(EventSet::IN, 1))?;
@@ -319,8 +325,7 @@ fn serve_lines(stream: UnixStream, id: u64, clients: &Clients, daemon: &Daemon) 
 /// A response as one line.
 fn encode(resp: &Response) -> String {
     let mut text = serde_json::to_string(resp).unwrap_or_else(|_| {
-        r#"{"jsonrpc":"2.0","error":{"code":-32603,"message":"internal error encoding the response"},"id":null}"#
-            .into()
+        r#"{"jsonrpc":"2.0","error":{"code":-32603,"message":"internal error encoding the response"},"id":null}"#.into()
     });
     text.push('\n');
     text

@@ -40,7 +40,9 @@ impl SocketMode {
             return Err(format!("socket mode {bits:#o} has bits beyond 0777: give permission bits only, e.g. 0660"));
         }
         if bits & 0o600 != 0o600 {
-            return Err(format!("socket mode {bits:04o} takes read/write away from udm's own user: use e.g. 0600 or 0660"));
+            return Err(format!(
+                "socket mode {bits:04o} takes read/write away from udm's own user: use e.g. 0600 or 0660"
+            ));
         }
         Ok(SocketMode(bits))
     }
@@ -140,7 +142,10 @@ impl OwnedSocket {
         // Group before mode: until both are set the socket stays 0600.
         if let Some(gid) = gid {
             std::os::unix::fs::lchown(path, None, Some(gid)).map_err(|e| {
-                in_context(e, format!("cannot give {} to group {}", path.display(), access.group.as_deref().unwrap_or("")))
+                in_context(
+                    e,
+                    format!("cannot give {} to group {}", path.display(), access.group.as_deref().unwrap_or("")),
+                )
             })?;
         }
         if access.mode != SocketMode::OWNER_ONLY {

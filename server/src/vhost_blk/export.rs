@@ -228,7 +228,8 @@ impl Export {
     /// Validates `config`, binds the socket and starts accepting front ends.
     pub fn start(config: ExportConfig, device: Arc<dyn BlockDevice>) -> Result<Export, ExportError> {
         let core = ExportCore::new(&config, device)?;
-        let listen_error = |source| ExportError::Listen { name: config.name.clone(), path: config.socket.clone(), source };
+        let listen_error =
+            |source| ExportError::Listen { name: config.name.clone(), path: config.socket.clone(), source };
         let (listener, socket_file) =
             OwnedSocket::bind(&config.socket, &config.socket_access(), &format!("export `{}`", config.name))
                 .map_err(listen_error)?;
