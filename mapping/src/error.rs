@@ -206,6 +206,14 @@ pub enum MappingError {
         /// What was still in flight.
         in_flight: crate::mapped::InFlight,
     },
+    /// A suspend still draining was cancelled by a resume; the device was left running.
+    #[error("suspending `{name}` was cancelled by a resume with {in_flight}: the device is active")]
+    SuspendCancelled {
+        /// The device.
+        name: String,
+        /// What was still in flight.
+        in_flight: crate::mapped::InFlight,
+    },
     /// Another lifecycle operation is draining the device.
     #[error("`{name}` is being {op} by another command: wait until it returns (or times out), then retry")]
     InTransition {

@@ -211,7 +211,8 @@ fn a_stalled_suspend_times_out_with_a_report_and_freezes_nothing_else() {
     let waiting = std::process::Command::new(daemon_process::UDM)
         .args(["dm", "suspend", "slow"])
         .current_dir(dir.path())
-        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     wait_until("the suspend is draining", || d.ok(&["dm", "info", "slow"]).contains("SUSPENDED"));
@@ -220,10 +221,15 @@ fn a_stalled_suspend_times_out_with_a_report_and_freezes_nothing_else() {
     d.ok(&["dm", "suspend", "other"]);
     d.ok(&["dm", "resume", "other"]);
     d.ok(&["dm", "remove", "other"]);
-    let err = d.refused(&["dm", "resume", "slow"]);
+    let err = d.refused(&["dm", "remove", "--force", "slow"]);
     assert!(err.contains("being suspended"), "{err}");
+    // `dm resume` is the way out of a suspend that waits: it cancels it.
+    d.ok(&["dm", "resume", "slow"]);
+    assert!(d.ok(&["dm", "info", "slow"]).contains("ACTIVE"));
+    let out = output_within(waiting, HUNG).expect("the cancelled suspend returns");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("cancelled"), "{err}");
     drop(d);
-    drop(waiting);
     drop(client);
 }
 

@@ -29,7 +29,7 @@ pub(crate) mod context;
 pub(crate) mod io_core;
 pub(crate) mod queue;
 
-use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -51,6 +51,9 @@ pub(crate) struct DeviceShared {
     /// The lifecycle operation draining the device without the registry lock, if any
     /// ("suspended", "removed"): others on the same device are refused meanwhile.
     transition: Mutex<Option<&'static str>>,
+    /// Set to make the drain of the transition in progress give up (`dm resume` of a
+    /// device still draining, like a signal interrupting the kernel's suspend).
+    cancel_drain: AtomicBool,
 }
 
 /// A lifecycle operation in progress on one device (see
@@ -63,6 +66,15 @@ impl Drop for Transition {
     fn drop(&mut self) {
         *self.shared.transition.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
+}
+
+/// Why a drain gave up, with what it was still waiting for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum DrainStopped {
+    /// The deadline passed.
+    TimedOut(InFlight),
+    /// [`MappedDevice::cancel_drain`] was called.
+    Cancelled(InFlight),
 }
 
 /// I/O a drain was still waiting for when it gave up: the published count of each
@@ -127,6 +139,7 @@ impl MappedDevice {
                 queues: Mutex::new(Vec::new()),
                 regions: Mutex::new(Vec::new()),
                 transition: Mutex::new(None),
+                cancel_drain: AtomicBool::new(false),
             }),
         }
     }
@@ -161,7 +174,13 @@ impl MappedDevice {
             return Err(busy);
         }
         *t = Some(op);
+        self.shared.cancel_drain.store(false, Ordering::Release);
         Ok(Transition { shared: Arc::clone(&self.shared) })
+    }
+
+    /// Makes the drain of the transition in progress (if any) give up.
+    pub(crate) fn cancel_drain(&self) {
+        self.shared.cancel_drain.store(true, Ordering::Release);
     }
 
     /// The lifecycle operation in progress, if any ("suspended", "removed").
@@ -169,10 +188,10 @@ impl MappedDevice {
         *self.shared.transition.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Waits until no queue has admitted I/O in flight, or until `deadline`: then
-    /// returns what is still in flight. The queues' owner threads must keep polling (as
-    /// they do in a reactor).
-    pub(crate) fn wait_drained(&self, deadline: Option<Instant>) -> Result<(), InFlight> {
+    /// Waits until no queue has admitted I/O in flight, or until `deadline` or
+    /// [`MappedDevice::cancel_drain`]: then returns what is still in flight. The queues'
+    /// owner threads must keep polling (as they do in a reactor).
+    pub(crate) fn wait_drained(&self, deadline: Option<Instant>) -> Result<(), DrainStopped> {
         let started = Instant::now();
         let mut warned = false;
         let queues: Vec<Weak<QueueShared>> = self.shared.queues.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -180,8 +199,12 @@ impl MappedDevice {
         let active = |q: &Weak<QueueShared>| q.upgrade().map_or(0, |q| q.active.load(Ordering::Acquire));
         for q in &queues {
             while active(q) != 0 {
+                let left = || InFlight { per_queue: queues.iter().map(active).collect() };
+                if self.shared.cancel_drain.swap(false, Ordering::AcqRel) {
+                    return Err(DrainStopped::Cancelled(left()));
+                }
                 if deadline.is_some_and(|d| Instant::now() >= d) {
-                    return Err(InFlight { per_queue: queues.iter().map(active).collect() });
+                    return Err(DrainStopped::TimedOut(left()));
                 }
                 if !warned && started.elapsed() > Duration::from_secs(5) {
                     tracing::warn!("suspend still waiting for in-flight I/O after 5 s: is a queue's thread polling?");

@@ -4,8 +4,10 @@
 //! Waiting for a device's I/O to drain (suspend, remove, a resume that swaps tables)
 //! happens without the registry lock, like the kernel's per-device `suspend_lock`: one
 //! device whose I/O does not complete must not stop `ls` or the lifecycle of any other
-//! device. While a device drains, other suspend/resume/remove calls on it are refused
-//! ([`MappingError::InTransition`]); load, clear, rename and the reports go on.
+//! device. While a device drains, other suspend and remove calls on it are refused
+//! ([`MappingError::InTransition`]); a resume cancels the suspend (as a signal
+//! interrupts the kernel's: the suspend is undone); load, clear, rename and the reports
+//! go on.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -14,7 +16,7 @@ use std::time::{Duration, Instant};
 use udm_drivers::BlockDevice;
 
 use crate::error::MappingError;
-use crate::mapped::{InFlight, MappedDevice};
+use crate::mapped::{DrainStopped, MappedDevice};
 use crate::registry::load::build_table;
 use crate::registry::names::{validate_name, validate_uuid};
 use crate::registry::{Entry, MappedEntry, Registry, SuspendFlags};
@@ -135,9 +137,18 @@ impl Registry {
             (m.dev.clone(), t)
         };
         let deadline = timeout.map(|t| Instant::now() + t);
-        suspend_device(&dev, flags, deadline).map_err(|in_flight| {
-            tracing::warn!(device = %name, %in_flight, "suspend timed out; device left active");
-            MappingError::SuspendTimedOut { name: name.to_string(), timeout: timeout.unwrap_or_default(), in_flight }
+        suspend_device(&dev, flags, deadline).map_err(|stopped| {
+            let name = name.to_string();
+            match stopped {
+                DrainStopped::TimedOut(in_flight) => {
+                    tracing::warn!(device = %name, %in_flight, "suspend timed out; device left active");
+                    MappingError::SuspendTimedOut { name, timeout: timeout.unwrap_or_default(), in_flight }
+                }
+                DrainStopped::Cancelled(in_flight) => {
+                    tracing::info!(device = %name, %in_flight, "suspend cancelled by a resume");
+                    MappingError::SuspendCancelled { name, in_flight }
+                }
+            }
         })
     }
 
@@ -146,6 +157,7 @@ impl Registry {
     /// table staged), swaps it live, destroys the old one. Then resume hooks, and the
     /// held I/O is released, mapped by the live table. Without one: a plain resume.
     pub fn resume(&self, name: &str) -> Result<(), MappingError> {
+        self.cancel_suspend(name)?;
         let must_drain = {
             let st = self.lock();
             let m = st.get_mapped(name)?;
@@ -188,6 +200,30 @@ impl Registry {
                     m.dev.start_admission();
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// If a suspend of `name` is still draining, makes it give up and waits (briefly:
+    /// the drain checks every few microseconds) until it has undone itself.
+    fn cancel_suspend(&self, name: &str) -> Result<(), MappingError> {
+        let dev = {
+            let st = self.lock();
+            let m = st.get_mapped(name)?;
+            if m.dev.transition() != Some("suspended") {
+                return Ok(());
+            }
+            m.dev.clone()
+        };
+        dev.cancel_drain();
+        // Past the drain, a suspend may be flushing the devices below; a resume then
+        // waits for it a while, and is refused if it takes longer.
+        let until = Instant::now() + Duration::from_secs(5);
+        while let Some(op) = dev.transition() {
+            if Instant::now() >= until {
+                return Err(MappingError::InTransition { name: name.to_string(), op });
+            }
+            std::thread::sleep(Duration::from_micros(50));
         }
         Ok(())
     }
@@ -250,9 +286,9 @@ impl Registry {
     }
 }
 
-/// Suspends one mapped device (see [`Registry::suspend`]); past `deadline`, resumes it
-/// and returns what was still in flight.
-fn suspend_device(dev: &MappedDevice, flags: SuspendFlags, deadline: Option<Instant>) -> Result<(), InFlight> {
+/// Suspends one mapped device (see [`Registry::suspend`]); past `deadline` (or when
+/// cancelled), resumes it and returns what was still in flight.
+fn suspend_device(dev: &MappedDevice, flags: SuspendFlags, deadline: Option<Instant>) -> Result<(), DrainStopped> {
     if dev.is_suspended() {
         return Ok(());
     }
@@ -261,14 +297,14 @@ fn suspend_device(dev: &MappedDevice, flags: SuspendFlags, deadline: Option<Inst
         t.for_each_target(|t| t.presuspend());
     }
     dev.stop_admission();
-    if let Err(in_flight) = dev.wait_drained(deadline) {
+    if let Err(stopped) = dev.wait_drained(deadline) {
         // Undo, as the kernel does when a suspend is interrupted: the live table's
         // resume hooks undo the pre-suspend ones (a merge restarts), then held I/O goes.
         match &live {
             Some(t) => finish_resume(dev, t),
             None => dev.start_admission(),
         }
-        return Err(in_flight);
+        return Err(stopped);
     }
     if let Some(t) = &live {
         if !flags.noflush {
@@ -364,15 +400,23 @@ mod tests {
             reg.suspend("fast", SuspendFlags::default()).unwrap();
             reg.resume("fast").unwrap();
             reg.remove("fast", false).unwrap();
-            for refused in [reg.resume("slow"), reg.remove("slow", true)] {
-                assert!(matches!(refused, Err(MappingError::InTransition { op: "suspended", .. })), "{refused:?}");
-            }
+            let refused = reg.remove("slow", true);
+            assert!(matches!(refused, Err(MappingError::InTransition { op: "suspended", .. })), "{refused:?}");
+            // A resume is the way out of a suspend that waits for a stalled device.
+            reg.resume("slow").unwrap();
+            assert_eq!(state(&reg, "slow"), DeviceState::Active);
+            let cancelled = waiting.join().unwrap();
+            assert!(matches!(cancelled, Err(MappingError::SuspendCancelled { .. })), "{cancelled:?}");
+        });
+        let waiting_again = std::thread::scope(|s| {
+            let waiting = s.spawn(|| reg.suspend("slow", SuspendFlags::default()));
             stall.disarm();
             let mut out = [Completion::EMPTY; 1];
             while q.poll(&mut out) == 0 {}
             assert_eq!((out[0].tag, out[0].result), (7, Ok(())));
-            waiting.join().unwrap().unwrap();
+            waiting.join().unwrap()
         });
+        waiting_again.unwrap();
         assert_eq!(state(&reg, "slow"), DeviceState::Suspended);
         reg.resume("slow").unwrap();
         assert_eq!(state(&reg, "slow"), DeviceState::Active);

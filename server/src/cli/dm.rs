@@ -44,7 +44,8 @@ enum DmCommand {
         #[arg(long)]
         file: Option<PathBuf>,
     },
-    /// Stop admitting I/O and drain what is in flight.
+    /// Stop admitting I/O and drain what is in flight (`udm dm resume` from another
+    /// shell cancels a suspend still waiting).
     Suspend {
         /// Device name.
         name: String,
