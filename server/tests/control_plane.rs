@@ -188,7 +188,10 @@ fn a_stalled_suspend_times_out_with_a_report_and_freezes_nothing_else() {
          [[export]]\nname = \"slow\"\ndevice = \"slow\"\nsocket = \"slow.sock\"\n",
     )
     .unwrap();
-    let d = Daemon::start(dir.path(), Start { args: &["--config", "udm.toml"], ..Default::default() });
+    let mut d = Daemon::start(
+        dir.path(),
+        Start { args: &["--config", "udm.toml", "--shutdown-timeout", "1"], ..Default::default() },
+    );
     let mut client = Client::connect(&dir.path().join("slow.sock"), 1, false).unwrap();
     submit_write(&mut client, 0);
 
@@ -223,13 +226,17 @@ fn a_stalled_suspend_times_out_with_a_report_and_freezes_nothing_else() {
     d.ok(&["dm", "remove", "other"]);
     let err = d.refused(&["dm", "remove", "--force", "slow"]);
     assert!(err.contains("being suspended"), "{err}");
+    assert!(d.refused(&["dm", "suspend", "slow"]).contains("being suspended"));
     // `dm resume` is the way out of a suspend that waits: it cancels it.
     d.ok(&["dm", "resume", "slow"]);
     assert!(d.ok(&["dm", "info", "slow"]).contains("ACTIVE"));
     let out = output_within(waiting, HUNG).expect("the cancelled suspend returns");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("cancelled"), "{err}");
-    drop(d);
+    // SIGTERM with the write still stalled: the daemon exits after its grace period,
+    // saying what did not finish, instead of waiting for the device forever.
+    let status = d.signal(libc::SIGTERM);
+    assert_eq!(status.code(), Some(1));
     drop(client);
 }
 

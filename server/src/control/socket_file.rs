@@ -217,7 +217,7 @@ fn clear_stale(path: &Path) -> io::Result<()> {
             Err(io::Error::new(
                 io::ErrorKind::AddrInUse,
                 format!(
-                    "{} is in use by {user}: choose another path, or stop that user first \
+                    "{} is in use by {user}: choose another path, or stop it first \
                      (udm never replaces a socket something listens on)",
                     path.display()
                 ),

@@ -448,13 +448,49 @@ impl Daemon {
 
     /// Stops every export (each drains its queues), then flushes every device.
     pub fn shutdown(&self) {
+        self.shutdown_steps(&|_| {});
+    }
+
+    /// [`Daemon::shutdown`], giving up after `grace` if a step does not finish (a
+    /// device that stopped completing I/O would otherwise hold the daemon forever);
+    /// the error names the step that was still running. Front ends replay what was in
+    /// flight when they reconnect to the next daemon.
+    pub fn shutdown_within(self: &Arc<Self>, grace: Duration) -> Result<(), String> {
+        let step = Arc::new(Mutex::new(String::from("starting")));
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let worker = {
+            let (daemon, step) = (Arc::clone(self), Arc::clone(&step));
+            std::thread::Builder::new().name("udm-shutdown".into()).spawn(move || {
+                daemon.shutdown_steps(&|s| *step.lock().unwrap_or_else(|e| e.into_inner()) = s);
+                let _ = done_tx.send(());
+            })
+        };
+        if let Err(e) = worker {
+            tracing::warn!("cannot start the shutdown thread ({e}): shutting down without a time limit");
+            self.shutdown();
+            return Ok(());
+        }
+        match done_rx.recv_timeout(grace) {
+            Ok(()) => Ok(()),
+            Err(_) => Err(format!(
+                "shutdown did not finish within {} s, still {}: exiting without it \
+                 (is a device below no longer completing I/O?)",
+                grace.as_secs_f64(),
+                step.lock().unwrap_or_else(|e| e.into_inner())
+            )),
+        }
+    }
+
+    fn shutdown_steps(&self, step: &dyn Fn(String)) {
         let exports = std::mem::take(&mut self.exports().running);
         for (name, e) in exports {
             tracing::info!(export = %name, "stopping export");
+            step(format!("stopping export `{name}` (draining its requests)"));
             e.stop();
         }
         for (name, _) in self.registry.ls() {
             if let Ok(dev) = self.registry.device(&name) {
+                step(format!("flushing `{name}`"));
                 if let Err(e) = udm_mapping::sync_io::flush(dev.as_ref()) {
                     tracing::warn!(device = %name, "flush at shutdown failed: {e}");
                 }

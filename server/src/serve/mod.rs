@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Args;
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -48,6 +49,10 @@ pub struct ServeArgs {
     /// Queues of the embedded default export.
     #[arg(long, default_value_t = 1)]
     pub queues: u16,
+    /// At SIGTERM, how long draining the exports and flushing the devices may take
+    /// before udm exits anyway (exit status 1, naming what did not finish).
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    pub shutdown_timeout: f64,
 }
 
 /// Runs `udm serve`.
@@ -62,6 +67,8 @@ pub fn main(args: ServeArgs) -> ExitCode {
 }
 
 fn run(args: ServeArgs) -> Result<(), String> {
+    let grace = Duration::try_from_secs_f64(args.shutdown_timeout)
+        .map_err(|_| format!("--shutdown-timeout {} is not a number of seconds >= 0", args.shutdown_timeout))?;
     let cpus = match &args.cpus {
         Some(text) => parse_cpu_list(text)?,
         None => Vec::new(),
@@ -109,7 +116,7 @@ fn run(args: ServeArgs) -> Result<(), String> {
     let signal = signals.forever().next().unwrap_or(SIGTERM);
     tracing::info!(signal, "shutting down");
     control.stop();
-    daemon.shutdown();
+    daemon.shutdown_within(grace)?;
     say(format_args!("udm stopped"));
     Ok(())
 }
