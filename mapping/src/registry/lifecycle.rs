@@ -23,6 +23,9 @@ use crate::registry::{Entry, MappedEntry, Registry, SuspendFlags};
 use crate::table::Table;
 use crate::target::{EventCounter, SharedName};
 
+/// The transition a suspend that is draining shows (see [`MappingError::InTransition`]).
+const SUSPENDING: &str = "suspended";
+
 impl Registry {
     /// Creates the mapped device `name`. With a table, loads it and resumes (dmsetup's
     /// three steps); if the table is refused the device is not created. Without one,
@@ -132,7 +135,7 @@ impl Registry {
             }
             let t = m
                 .dev
-                .begin_transition("suspended")
+                .begin_transition(SUSPENDING)
                 .map_err(|op| MappingError::InTransition { name: name.to_string(), op })?;
             (m.dev.clone(), t)
         };
@@ -210,7 +213,7 @@ impl Registry {
         let dev = {
             let st = self.lock();
             let m = st.get_mapped(name)?;
-            if m.dev.transition() != Some("suspended") {
+            if m.dev.transition() != Some(SUSPENDING) {
                 return Ok(());
             }
             m.dev.clone()
