@@ -152,6 +152,13 @@ impl OwnedSocket {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(access.mode.bits()))
                 .map_err(|e| in_context(e, format!("cannot set mode {} on {}", access.mode, path.display())))?;
         }
+        if access.mode.bits() & 0o006 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = %access.mode,
+                "every local user may connect to {owner}: prefer a group (e.g. 0660 with a group)"
+            );
+        }
         owners().push((socket.dev, socket.ino, owner.to_string()));
         Ok((listener, socket))
     }
