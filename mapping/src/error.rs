@@ -191,6 +191,37 @@ pub enum MappingError {
     /// The operation needs a mapped device but the name is a backend.
     #[error("`{0}` is a backend, not a mapped device: tables can only be loaded into mapped devices")]
     NotMapped(String),
+    /// A suspend with a timeout did not drain in time; the device was left running.
+    #[error(
+        "suspending `{name}` timed out after {} s with {in_flight}: the device was left active, as it was; \
+         find out why the devices below do not complete I/O (`udm stats`, `udm dm status`), then retry, \
+         or suspend without --timeout to wait for them",
+        timeout.as_secs_f64()
+    )]
+    SuspendTimedOut {
+        /// The device.
+        name: String,
+        /// How long the suspend waited.
+        timeout: std::time::Duration,
+        /// What was still in flight.
+        in_flight: crate::mapped::InFlight,
+    },
+    /// A suspend still draining was cancelled by a resume; the device was left running.
+    #[error("suspending `{name}` was cancelled by a resume with {in_flight}: the device is active")]
+    SuspendCancelled {
+        /// The device.
+        name: String,
+        /// What was still in flight.
+        in_flight: crate::mapped::InFlight,
+    },
+    /// Another lifecycle operation is draining the device.
+    #[error("`{name}` is being {op} by another command: wait until it returns (or times out), then retry")]
+    InTransition {
+        /// The device.
+        name: String,
+        /// What is happening to it ("suspended", "removed").
+        op: &'static str,
+    },
     /// The device is in use.
     #[error("`{name}` is in use ({reason}): close it or remove its users first, or force the removal")]
     Busy {

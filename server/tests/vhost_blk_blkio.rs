@@ -23,6 +23,8 @@ fn config(dir: &tempfile::TempDir, name: &str, queues: u16, read_only: bool, pol
         idle_poll_us: udm_server::vhost_blk::export::default_idle_poll_us(),
         cpus: vec![],
         serial: None,
+        socket_mode: None,
+        socket_group: None,
     }
 }
 

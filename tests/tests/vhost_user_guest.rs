@@ -29,6 +29,8 @@ fn export(dir: &Path, name: &str, queues: u16, read_only: bool) -> ExportConfig 
         idle_poll_us: udm_server::vhost_blk::export::default_idle_poll_us(),
         cpus: vec![],
         serial: Some(format!("udm-{name}")),
+        socket_mode: None,
+        socket_group: None,
     }
 }
 
@@ -175,6 +177,7 @@ fn growing_the_volume_reaches_the_running_guest() {
         devices: vec![DeviceConfig { name: "vol0".into(), table: "0 131072 linear ram0 0".into(), uuid: None }],
         snapshots: vec![],
         exports: vec![export(dir.path(), "vol0", 1, false)],
+        ..Config::default()
     };
     daemon.apply(&config).unwrap();
     let guest = guest().vhost_user_blk(dir.path().join("vol0.sock"), 1).script(
@@ -192,7 +195,7 @@ fn growing_the_volume_reaches_the_running_guest() {
         std::thread::sleep(Duration::from_millis(200));
     }
     daemon.dm_load("vol0", "0 131072 linear ram0 0\n131072 65536 linear ram1 0").unwrap();
-    daemon.dm_suspend("vol0", false).unwrap();
+    daemon.dm_suspend("vol0", false, None).unwrap();
     daemon.dm_resume("vol0").unwrap();
     let out = run.join().unwrap().unwrap();
     out.assert_success();

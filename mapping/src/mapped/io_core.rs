@@ -158,25 +158,21 @@ impl IoCore {
         self.active
     }
 
-    /// Counts one more unit of work, publishing the count when it leaves zero; when it
-    /// did, the caller fences and checks the device state afterwards (see `mapped`
-    /// module docs).
+    /// Counts one more unit of work and publishes the count (a store to this queue's
+    /// own cache line; a suspend that times out reports it); when it left zero, the
+    /// caller fences and checks the device state afterwards (see `mapped` module docs).
     #[inline]
     pub fn enter(&mut self) {
         self.active += 1;
-        if self.active == 1 {
-            self.shared.active.store(1, Ordering::Relaxed);
-        }
+        self.shared.active.store(self.active, Ordering::Relaxed);
     }
 
-    /// Undoes [`IoCore::enter`] (admission refused, or a request finished); publishes
-    /// the count when it reaches zero.
+    /// Undoes [`IoCore::enter`] (admission refused, or a request finished) and
+    /// publishes the count.
     #[inline]
     pub fn leave(&mut self) {
         self.active -= 1;
-        if self.active == 0 {
-            self.shared.active.store(0, Ordering::Release);
-        }
+        self.shared.active.store(self.active, Ordering::Release);
     }
 
     /// Takes a free slot index (the caller checked there is room).

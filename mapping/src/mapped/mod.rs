@@ -3,9 +3,10 @@
 //!
 //! # Admission and drain without a global lock
 //! The device's shared state is one atomic word: `generation << 2 | removed | suspended`.
-//! Every per-thread queue publishes whether its `active` count (requests admitted and
-//! not finished, plus targets' internal I/O) is zero, in its own cache line, with a
-//! plain store when the count leaves or reaches zero. Admission from idle is a Dekker
+//! Every per-thread queue publishes its `active` count (requests admitted and not
+//! finished, plus targets' internal I/O), in its own cache line, with a plain store
+//! whenever it changes (what matters for the drain is whether it is zero; the number is
+//! what a suspend that timed out reports). Admission from idle is a Dekker
 //! handshake:
 //!
 //! ```text
@@ -28,7 +29,7 @@ pub(crate) mod context;
 pub(crate) mod io_core;
 pub(crate) mod queue;
 
-use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,66 @@ pub(crate) struct DeviceShared {
     pub live: ArcSwapOption<Table>,
     queues: Mutex<Vec<Weak<QueueShared>>>,
     regions: Mutex<Vec<MemoryRegion>>,
+    /// The lifecycle operation draining the device without the registry lock, if any
+    /// ("suspended", "removed"): others on the same device are refused meanwhile.
+    transition: Mutex<Option<&'static str>>,
+    /// Set to make the drain of the transition in progress give up (`dm resume` of a
+    /// device still draining, like a signal interrupting the kernel's suspend).
+    cancel_drain: AtomicBool,
+}
+
+/// A lifecycle operation in progress on one device (see
+/// [`MappedDevice::begin_transition`]); dropping it ends it.
+pub(crate) struct Transition {
+    shared: Arc<DeviceShared>,
+}
+
+impl Drop for Transition {
+    fn drop(&mut self) {
+        *self.shared.transition.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// Why a drain gave up, with what it was still waiting for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum DrainStopped {
+    /// The deadline passed.
+    TimedOut(InFlight),
+    /// [`MappedDevice::cancel_drain`] was called.
+    Cancelled(InFlight),
+}
+
+/// I/O a drain was still waiting for when it gave up: the published count of each
+/// queue open on the device, in the order they were opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InFlight {
+    /// Per queue.
+    pub per_queue: Vec<usize>,
+}
+
+impl InFlight {
+    /// All queues together.
+    pub fn total(&self) -> usize {
+        self.per_queue.iter().sum()
+    }
+}
+
+impl std::fmt::Display for InFlight {
+    /// `3 request(s) in flight (queue 0: 1, queue 2: 2)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} request(s) in flight", self.total())?;
+        let busy: Vec<String> = self
+            .per_queue
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(q, n)| format!("queue {q}: {n}"))
+            .collect();
+        if !busy.is_empty() {
+            write!(f, " ({})", busy.join(", "))?;
+        }
+        Ok(())
+    }
 }
 
 /// One queue's published in-flight count, alone in its cache lines so that the owner's
@@ -77,6 +138,8 @@ impl MappedDevice {
                 live: ArcSwapOption::empty(),
                 queues: Mutex::new(Vec::new()),
                 regions: Mutex::new(Vec::new()),
+                transition: Mutex::new(None),
+                cancel_drain: AtomicBool::new(false),
             }),
         }
     }
@@ -102,15 +165,47 @@ impl MappedDevice {
         fence(Ordering::SeqCst);
     }
 
-    /// Waits until no queue has admitted I/O in flight. The queues' owner threads must
-    /// keep polling (as they do in a reactor).
-    pub(crate) fn wait_drained(&self) {
+    /// Starts a lifecycle operation `op` that drains without the registry lock; while
+    /// the returned guard lives, [`MappedDevice::transition`] names it. Refused (with the
+    /// operation in progress) if another is.
+    pub(crate) fn begin_transition(&self, op: &'static str) -> Result<Transition, &'static str> {
+        let mut t = self.shared.transition.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(busy) = *t {
+            return Err(busy);
+        }
+        *t = Some(op);
+        self.shared.cancel_drain.store(false, Ordering::Release);
+        Ok(Transition { shared: Arc::clone(&self.shared) })
+    }
+
+    /// Makes the drain of the transition in progress (if any) give up.
+    pub(crate) fn cancel_drain(&self) {
+        self.shared.cancel_drain.store(true, Ordering::Release);
+    }
+
+    /// The lifecycle operation in progress, if any ("suspended", "removed").
+    pub(crate) fn transition(&self) -> Option<&'static str> {
+        *self.shared.transition.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until no queue has admitted I/O in flight, or until `deadline` or
+    /// [`MappedDevice::cancel_drain`]: then returns what is still in flight. The queues'
+    /// owner threads must keep polling (as they do in a reactor).
+    pub(crate) fn wait_drained(&self, deadline: Option<Instant>) -> Result<(), DrainStopped> {
         let started = Instant::now();
         let mut warned = false;
         let queues: Vec<Weak<QueueShared>> = self.shared.queues.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        // A queue dropped meanwhile has nothing left in flight that anyone waits for.
+        let active = |q: &Weak<QueueShared>| q.upgrade().map_or(0, |q| q.active.load(Ordering::Acquire));
         for q in &queues {
-            // A queue dropped meanwhile has nothing left in flight that anyone waits for.
-            while q.upgrade().is_some_and(|q| q.active.load(Ordering::Acquire) != 0) {
+            while active(q) != 0 {
+                let left = || InFlight { per_queue: queues.iter().map(active).collect() };
+                if self.shared.cancel_drain.swap(false, Ordering::AcqRel) {
+                    return Err(DrainStopped::Cancelled(left()));
+                }
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(DrainStopped::TimedOut(left()));
+                }
                 if !warned && started.elapsed() > Duration::from_secs(5) {
                     tracing::warn!("suspend still waiting for in-flight I/O after 5 s: is a queue's thread polling?");
                     warned = true;
@@ -118,6 +213,7 @@ impl MappedDevice {
                 std::thread::sleep(Duration::from_micros(50));
             }
         }
+        Ok(())
     }
 
     /// Publishes `table` as live (the device must be suspended and drained).

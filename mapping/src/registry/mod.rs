@@ -3,7 +3,8 @@
 //! lifecycle over them (create, load, suspend, resume, clear, remove, rename) plus the
 //! reports (info, table, status, ls, tree, deps).
 //!
-//! All control operations are serialized by one mutex; the data path never takes it
+//! All control operations are serialized by one mutex, except waiting for a device to
+//! drain, which happens without it (see `lifecycle`); the data path never takes it
 //! (queues talk to their `MappedDevice` through atomics, see [`crate::mapped`]).
 //!
 //! Tables name devices by udm name, and `table` output prints udm names where the kernel
@@ -25,7 +26,8 @@ use udm_drivers::BlockDevice;
 use crate::error::MappingError;
 use crate::mapped::MappedDevice;
 use crate::table::Table;
-use crate::target::{DeviceId, EventCounter, Extensions, SharedName, TargetType};
+pub use crate::target::DeviceId;
+use crate::target::{EventCounter, Extensions, SharedName, TargetType};
 use crate::targets::TargetTypes;
 
 pub use names::{validate_name, MAX_NAME_LEN, MAX_UUID_LEN};
@@ -79,7 +81,8 @@ pub(crate) struct MappedEntry {
 /// A device opened through the registry (an export, a benchmark): while any exists,
 /// `remove` refuses the device unless forced. Dropping it closes it.
 pub struct OpenDevice {
-    name: String,
+    id: DeviceId,
+    name: SharedName,
     device: Arc<dyn BlockDevice>,
     opens: Arc<AtomicUsize>,
 }
@@ -90,9 +93,14 @@ impl OpenDevice {
         &self.device
     }
 
-    /// The name it had when opened.
-    pub fn name(&self) -> &str {
-        &self.name
+    /// Its name now (a rename shows here).
+    pub fn name(&self) -> String {
+        self.name.get()
+    }
+
+    /// Its identity, which a rename does not change and the registry never reuses.
+    pub fn id(&self) -> DeviceId {
+        self.id
     }
 }
 
@@ -104,7 +112,7 @@ impl Drop for OpenDevice {
 
 impl std::fmt::Debug for OpenDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OpenDevice").field("name", &self.name).finish()
+        f.debug_struct("OpenDevice").field("id", &self.id).field("name", &self.name.get()).finish()
     }
 }
 
@@ -180,7 +188,12 @@ impl Registry {
         let st = self.lock();
         let e = st.get(name)?;
         e.opens.fetch_add(1, Ordering::AcqRel);
-        Ok(OpenDevice { name: name.to_string(), device: Arc::clone(&e.block), opens: Arc::clone(&e.opens) })
+        Ok(OpenDevice { id: e.id, name: e.name.clone(), device: Arc::clone(&e.block), opens: Arc::clone(&e.opens) })
+    }
+
+    /// The identity of the device called `name` now (see [`OpenDevice::id`]).
+    pub fn device_id(&self, name: &str) -> Result<DeviceId, MappingError> {
+        Ok(self.lock().get(name)?.id)
     }
 
     /// How many [`OpenDevice`] handles exist for `name`.

@@ -44,13 +44,19 @@ enum DmCommand {
         #[arg(long)]
         file: Option<PathBuf>,
     },
-    /// Stop admitting I/O and drain what is in flight.
+    /// Stop admitting I/O and drain what is in flight (`udm dm resume` from another
+    /// shell cancels a suspend still waiting).
     Suspend {
         /// Device name.
         name: String,
         /// Do not flush the devices below after draining.
         #[arg(long)]
         noflush: bool,
+        /// Give up after SECS seconds if I/O is still in flight (default: wait as long
+        /// as it takes, like dmsetup); the device is then left active and the error
+        /// says how many requests were in flight on which queue.
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<f64>,
     },
     /// Make the inactive table live (if any) and admit I/O again.
     Resume {
@@ -127,8 +133,8 @@ pub fn main(args: DmArgs) -> ExitCode {
             Ok(None) => usage_error("load needs a table: --table TEXT, --file PATH or standard input".into()),
             Err(e) => usage_error(e),
         },
-        DmCommand::Suspend { name, noflush } => {
-            run(ctl, "dm.suspend", json!({"name": name, "noflush": noflush}), quiet)
+        DmCommand::Suspend { name, noflush, timeout } => {
+            run(ctl, "dm.suspend", json!({"name": name, "noflush": noflush, "timeout": timeout}), quiet)
         }
         DmCommand::Resume { name } => run(ctl, "dm.resume", json!({"name": name}), quiet),
         DmCommand::Clear { name } => run(ctl, "dm.clear", json!({"name": name}), quiet),

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
+use udm_server::control::socket_file::SocketMode;
 use udm_server::cpu::parse_cpu_list;
 
 use super::common::{field, quiet, run, table, usage_error, ControlOpts};
@@ -52,6 +53,13 @@ enum ExportCommand {
         /// Serial number (GET_ID), up to 20 bytes.
         #[arg(long)]
         serial: Option<String>,
+        /// Socket permissions, octal (default 0600: only udm's user may connect), e.g.
+        /// 0660 with --socket-group for a QEMU running as another user.
+        #[arg(long, value_parser = SocketMode::parse)]
+        socket_mode: Option<SocketMode>,
+        /// Socket group, name or number (default: udm's group).
+        #[arg(long)]
+        socket_group: Option<String>,
     },
     /// Stop an export (drains its requests) and remove its socket.
     Remove {
@@ -77,6 +85,8 @@ pub fn main(args: ExportArgs) -> ExitCode {
             idle_poll_us,
             cpus,
             serial,
+            socket_mode,
+            socket_group,
         } => {
             let cpus = match cpus.as_deref().map(parse_cpu_list).transpose() {
                 Ok(c) => c.unwrap_or_default(),
@@ -95,6 +105,8 @@ pub fn main(args: ExportArgs) -> ExitCode {
                 "idle_poll_us": idle_poll_us,
                 "cpus": cpus,
                 "serial": serial,
+                "socket_mode": socket_mode.map(|m| m.to_string()),
+                "socket_group": socket_group,
             });
             run(ctl, "export.add", params, |v| format!("exported at {}\n", field(&v["config"], "socket")))
         }
@@ -118,7 +130,14 @@ fn render_ls(v: &Value) -> String {
                 field(c, "num_queues"),
                 if c["read_only"].as_bool() == Some(true) { "ro" } else { "rw" }.into(),
                 field(c, "poll"),
-                if e["connected"].as_bool() == Some(true) { "yes" } else { "no" }.into(),
+                if e["removing"].as_bool() == Some(true) {
+                    "removing"
+                } else if e["connected"].as_bool() == Some(true) {
+                    "yes"
+                } else {
+                    "no"
+                }
+                .into(),
                 field(c, "socket"),
             ]
         })

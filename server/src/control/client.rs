@@ -49,11 +49,16 @@ impl Client {
         self.next_id += 1;
         let mut line = json!({"jsonrpc": "2.0", "method": method, "params": params, "id": id}).to_string();
         line.push('\n');
-        self.writer.write_all(line.as_bytes()).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        // A daemon that refuses the request (too long, too many connections) replies
+        // and closes: if the write fails, its reply may still be there to read.
+        let sent = self.writer.write_all(line.as_bytes());
         let mut reply = String::new();
-        let n = self.reader.read_line(&mut reply).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        if n == 0 {
-            return Err(ClientError::Protocol("the daemon closed the connection".into()));
+        let read = self.reader.read_line(&mut reply);
+        match (sent, read) {
+            (_, Ok(n)) if n > 0 => {}
+            (Err(e), _) => return Err(ClientError::Protocol(format!("sending the request: {e}"))),
+            (Ok(()), Err(e)) => return Err(ClientError::Protocol(e.to_string())),
+            (Ok(()), Ok(_)) => return Err(ClientError::Protocol("the daemon closed the connection".into())),
         }
         let resp: Response =
             serde_json::from_str(&reply).map_err(|e| ClientError::Protocol(format!("bad reply: {e}")))?;

@@ -1,6 +1,8 @@
 //! Method dispatch: each method has a params struct (unknown fields refused), so a
 //! malformed call is an INVALID_PARAMS error before anything is touched.
 
+use std::time::Duration;
+
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -87,6 +89,9 @@ struct DmSuspend {
     name: String,
     #[serde(default)]
     noflush: bool,
+    /// Seconds to wait for the device to drain (default: as long as it takes).
+    #[serde(default)]
+    timeout: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -188,7 +193,15 @@ pub fn call(d: &Daemon, method: &str, p: Option<Value>) -> Result<Value, RpcErro
         }
         "dm.suspend" => {
             let a: DmSuspend = params(p)?;
-            done(d.dm_suspend(&a.name, a.noflush))
+            let timeout = a
+                .timeout
+                .map(|secs| {
+                    Duration::try_from_secs_f64(secs).map_err(|_| {
+                        RpcError::new(INVALID_PARAMS, format!("timeout {secs} is not a number of seconds >= 0"))
+                    })
+                })
+                .transpose()?;
+            done(d.dm_suspend(&a.name, a.noflush, timeout))
         }
         "dm.resume" => done(d.dm_resume(&params::<Name>(p)?.name)),
         "dm.clear" => done(d.dm_clear(&params::<Name>(p)?.name)),

@@ -3,6 +3,9 @@
 //!
 //! ```toml
 //! control = "./udm.ctl"
+//! # Who may use the control socket (default 0600: udm's user only).
+//! control_mode = "0660"
+//! control_group = "udm"
 //!
 //! [[backend]]
 //! name = "disk0"
@@ -24,12 +27,16 @@
 //! device = "vol0"
 //! socket = "./vol0.sock"
 //! num_queues = 2
+//! # For a QEMU running as another user in group kvm (default 0600, udm's group).
+//! socket_mode = "0660"
+//! socket_group = "kvm"
 //! ```
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::control::socket_file::{SocketAccess, SocketMode};
 use crate::vhost_blk::ExportConfig;
 
 /// The whole file.
@@ -39,6 +46,12 @@ pub struct Config {
     /// Control socket path.
     #[serde(default = "default_control")]
     pub control: PathBuf,
+    /// Control socket permissions (default 0600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_mode: Option<SocketMode>,
+    /// Control socket group (name or number; default: udm's group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_group: Option<String>,
     /// Backends by name and specification (`null:1G`, `mem:64M`, `file:/path`).
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
@@ -142,11 +155,18 @@ impl Config {
         toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.to_path_buf(), message: e.to_string() })
     }
 
+    /// Who may connect to the control socket.
+    pub fn control_access(&self) -> SocketAccess {
+        SocketAccess { mode: self.control_mode.unwrap_or_default(), group: self.control_group.clone() }
+    }
+
     /// The embedded default: a 1 GiB RAM volume `vol0` (a linear table over a mem
     /// backend) exported at `./vol0.sock`.
     pub fn embedded_default() -> Config {
         Config {
             control: default_control(),
+            control_mode: None,
+            control_group: None,
             backends: vec![BackendConfig { name: "ram0".into(), spec: "mem:1G".into() }],
             devices: vec![DeviceConfig { name: "vol0".into(), table: "0 2097152 linear ram0 0".into(), uuid: None }],
             snapshots: vec![],
@@ -161,6 +181,8 @@ impl Config {
                 idle_poll_us: crate::vhost_blk::export::default_idle_poll_us(),
                 cpus: vec![],
                 serial: None,
+                socket_mode: None,
+                socket_group: None,
             }],
         }
     }
@@ -186,6 +208,13 @@ mod tests {
         assert_eq!(c.snapshots[0].chunk, "4k");
         assert_eq!(c.exports[0].num_queues, 2);
         assert_eq!(c.exports[0].queue_size, 256);
+        assert_eq!(c.exports[0].socket_access().mode.bits(), 0o660);
+        assert_eq!(c.exports[0].socket_group.as_deref(), Some("kvm"));
+        assert_eq!(c.control_access().mode.bits(), 0o660);
+        let octal = Config::parse("control_mode = 0o640\n", Path::new("x.toml")).unwrap();
+        assert_eq!(octal.control_access().mode.bits(), 0o640);
+        let e = Config::parse("control_mode = \"0666x\"\n", Path::new("x.toml")).unwrap_err();
+        assert!(e.to_string().contains("octal"), "{e}");
         let e = Config::parse("[[backend]]\nname = \"a\"\nspek = \"mem:1G\"\n", Path::new("x.toml")).unwrap_err();
         assert!(e.to_string().contains("spek"), "{e}");
         assert_eq!(Config::embedded_default().exports[0].socket, PathBuf::from("vol0.sock"));

@@ -1,6 +1,11 @@
 //! The daemon's state: the device registry (backends, mapped devices, snapshots) and the
 //! exports over it. The control socket and `udm serve`'s start-up both act through
 //! these methods; each either succeeds or leaves everything as it was.
+//!
+//! An export refers to its device by identity (the registry's [`DeviceId`]), not by
+//! name: after `dm rename` it still knows which device it serves, and reports the new
+//! name. An export's name stays taken until its removal has finished (drained and its
+//! socket removed), so a remove followed by an add of the same name cannot race.
 
 pub mod config;
 pub mod merges;
@@ -8,11 +13,12 @@ pub mod reports;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use udm_drivers::backend_spec::open_backend;
 use udm_drivers::units::parse_size;
 use udm_drivers::SECTOR_SIZE;
-use udm_mapping::registry::{OpenDevice, Registry, SuspendFlags, TableSlot};
+use udm_mapping::registry::{DeviceId, OpenDevice, Registry, SuspendFlags, TableSlot};
 use udm_mapping::snapshot_ops::{self, CowSource, CreateOptions, Created, ExistingCow, SnapshotOpError};
 use udm_mapping::MappingError;
 
@@ -56,6 +62,9 @@ pub enum DaemonError {
     /// The export name is taken.
     #[error("an export named `{0}` already exists: remove it first or choose another name")]
     ExportExists(String),
+    /// The export name is still held by an export being removed.
+    #[error("export `{0}` is still being removed (draining its requests): retry once `udm export remove` returns")]
+    ExportBeingRemoved(String),
     /// An argument is invalid.
     #[error("{0}")]
     Invalid(String),
@@ -77,14 +86,53 @@ pub enum DaemonError {
 
 struct ExportEntry {
     export: Export,
-    /// Keeps the device open (so `dm remove` refuses it) while exported.
-    _open: OpenDevice,
+    /// Keeps the device open (so `dm remove` refuses it) while exported, and says which
+    /// device it is whatever its name is now.
+    open: OpenDevice,
+}
+
+impl ExportEntry {
+    /// `export ls`'s line, with the device's name as it is now.
+    fn info(&self) -> ExportInfo {
+        let mut info = self.export.info();
+        info.config.device = self.open.name();
+        info
+    }
+
+    fn serves(&self, device: DeviceId) -> bool {
+        self.open.id() == device
+    }
+
+    /// Stops the export, then closes the device.
+    fn stop(self) {
+        self.export.stop();
+        drop(self.open);
+    }
+}
+
+/// Running exports, and those being removed (whose names stay taken meanwhile).
+#[derive(Default)]
+struct Exports {
+    running: BTreeMap<String, ExportEntry>,
+    removing: BTreeMap<String, ExportInfo>,
+}
+
+impl Exports {
+    /// Takes `name` out of the running exports and holds its name until
+    /// [`Daemon::finish_removal`].
+    fn begin_removal(&mut self, name: &str) -> Option<ExportEntry> {
+        let entry = self.running.remove(name)?;
+        let mut info = entry.info();
+        info.removing = true;
+        self.removing.insert(name.to_string(), info);
+        Some(entry)
+    }
 }
 
 /// The daemon.
 pub struct Daemon {
     registry: Arc<Registry>,
-    exports: Mutex<BTreeMap<String, ExportEntry>>,
+    exports: Mutex<Exports>,
     /// The spec each backend added through the daemon was opened from, by name.
     backend_specs: Mutex<BTreeMap<String, String>>,
     cpus: Vec<usize>,
@@ -99,7 +147,7 @@ impl Daemon {
         let merges = MergeFinisher::start(Arc::downgrade(&registry));
         Daemon {
             registry,
-            exports: Mutex::new(BTreeMap::new()),
+            exports: Mutex::new(Exports::default()),
             backend_specs: Mutex::new(BTreeMap::new()),
             cpus,
             _merges: merges,
@@ -111,7 +159,7 @@ impl Daemon {
         &self.registry
     }
 
-    fn exports(&self) -> MutexGuard<'_, BTreeMap<String, ExportEntry>> {
+    fn exports(&self) -> MutexGuard<'_, Exports> {
         self.exports.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -167,30 +215,29 @@ impl Daemon {
     /// (its I/O goes on until they are reloaded or removed; the device is released with
     /// the last handle).
     pub fn backend_remove(&self, name: &str, force: bool) -> Result<(), DaemonError> {
-        // The exports lock is held throughout, so no export can start on the backend
-        // between the check and the removal.
-        let mut exports = self.exports();
-        if self.registry.info(name)?.kind != udm_mapping::DeviceKind::Backend {
-            return Err(DaemonError::NotABackend(name.into()));
-        }
-        let users: Vec<String> =
-            exports.iter().filter(|(_, e)| e.export.config().device == name).map(|(n, _)| n.clone()).collect();
-        if !users.is_empty() && !force {
-            return Err(DaemonError::BackendExported { name: name.into(), exports: users.join(", ") });
-        }
-        if !force {
-            // Tables and other openers: the registry names them and changes nothing.
-            self.registry.remove(name, false)?;
-        } else {
-            for export in &users {
-                if let Some(entry) = exports.remove(export) {
-                    tracing::warn!(backend = %name, export = %export, "forced backend removal stops its export");
-                    entry.export.stop();
-                }
+        let stopping = {
+            // The exports lock is held until the backend is gone from the registry, so
+            // no export can start on it between the check and the removal.
+            let mut exports = self.exports();
+            if self.registry.info(name)?.kind != udm_mapping::DeviceKind::Backend {
+                return Err(DaemonError::NotABackend(name.into()));
             }
-            self.registry.remove(name, true)?;
+            let id = self.registry.device_id(name)?;
+            let users: Vec<String> =
+                exports.running.iter().filter(|(_, e)| e.serves(id)).map(|(n, _)| n.clone()).collect();
+            if !users.is_empty() && !force {
+                return Err(DaemonError::BackendExported { name: name.into(), exports: users.join(", ") });
+            }
+            // Without force, tables and other openers: the registry names them and
+            // changes nothing.
+            self.registry.remove(name, force)?;
+            self.backend_specs().remove(name);
+            users.into_iter().filter_map(|u| exports.begin_removal(&u).map(|e| (u, e))).collect::<Vec<_>>()
+        };
+        for (export, entry) in stopping {
+            tracing::warn!(backend = %name, export = %export, "forced backend removal stops its export");
+            self.finish_removal(&export, entry);
         }
-        self.backend_specs().remove(name);
         Ok(())
     }
 
@@ -208,8 +255,8 @@ impl Daemon {
                 continue;
             }
             let info = self.registry.device(&n)?.info();
-            let exported_by =
-                exports.iter().filter(|(_, e)| e.export.config().device == n).map(|(e, _)| e.clone()).collect();
+            let id = self.registry.device_id(&n)?;
+            let exported_by = exports.running.iter().filter(|(_, e)| e.serves(id)).map(|(e, _)| e.clone()).collect();
             out.push(BackendReport {
                 spec: specs.get(&n).cloned(),
                 sectors: report.sectors,
@@ -228,8 +275,11 @@ impl Daemon {
     /// Exports a registry device over vhost-user-blk.
     pub fn export_add(&self, mut config: ExportConfig) -> Result<ExportInfo, DaemonError> {
         let mut exports = self.exports();
-        if exports.contains_key(&config.name) {
+        if exports.running.contains_key(&config.name) {
             return Err(DaemonError::ExportExists(config.name));
+        }
+        if exports.removing.contains_key(&config.name) {
+            return Err(DaemonError::ExportBeingRemoved(config.name));
         }
         if config.cpus.is_empty() {
             config.cpus = self.cpus.clone();
@@ -237,41 +287,68 @@ impl Daemon {
         let open = self.registry.open(&config.device)?;
         let export = Export::start(config.clone(), Arc::clone(open.device()))?;
         let info = export.info();
-        exports.insert(config.name, ExportEntry { export, _open: open });
+        exports.running.insert(config.name, ExportEntry { export, open });
         Ok(info)
     }
 
-    /// Stops an export (draining its requests) and removes its socket.
+    /// Stops an export (draining its requests) and removes its socket; returns once
+    /// all that is done, and only then can the name be used again.
     pub fn export_remove(&self, name: &str) -> Result<(), DaemonError> {
-        let entry = self.exports().remove(name).ok_or_else(|| DaemonError::NoSuchExport(name.into()))?;
-        entry.export.stop();
+        let entry = {
+            let mut exports = self.exports();
+            match exports.begin_removal(name) {
+                Some(e) => e,
+                None if exports.removing.contains_key(name) => {
+                    return Err(DaemonError::ExportBeingRemoved(name.into()))
+                }
+                None => return Err(DaemonError::NoSuchExport(name.into())),
+            }
+        };
+        self.finish_removal(name, entry);
         Ok(())
     }
 
-    /// Every export.
+    /// Stops an export taken out by [`Exports::begin_removal`] (without the exports
+    /// lock: draining may take long), then frees its name.
+    fn finish_removal(&self, name: &str, entry: ExportEntry) {
+        entry.stop();
+        self.exports().removing.remove(name);
+    }
+
+    /// Every export (those being removed too, marked so).
     pub fn export_ls(&self) -> Vec<ExportInfo> {
-        self.exports().values().map(|e| e.export.info()).collect()
+        let exports = self.exports();
+        let mut all: Vec<ExportInfo> =
+            exports.running.values().map(ExportEntry::info).chain(exports.removing.values().cloned()).collect();
+        all.sort_by(|a, b| a.config.name.cmp(&b.config.name));
+        all
     }
 
     /// Statistics of one export or all.
     pub fn stats(&self, name: Option<&str>) -> Result<Vec<ExportStats>, DaemonError> {
         let exports = self.exports();
         if let Some(n) = name {
-            if !exports.contains_key(n) {
+            if !exports.running.contains_key(n) {
                 return Err(DaemonError::NoSuchExport(n.into()));
             }
         }
         Ok(exports
+            .running
             .values()
             .filter(|e| name.is_none_or(|n| e.export.config().name == n))
-            .map(|e| ExportStats::new(e.export.config(), e.export.stats()))
+            .map(|e| ExportStats::new(&e.info().config, e.export.stats()))
             .collect())
     }
 
     /// Tells every export whose device changed size (after a resume, a reload, a
     /// snapshot switch); returns the exports that changed.
     pub fn refresh_sizes(&self) -> Vec<String> {
-        self.exports().values().filter(|e| e.export.refresh_size()).map(|e| e.export.config().name.clone()).collect()
+        self.exports()
+            .running
+            .values()
+            .filter(|e| e.export.refresh_size())
+            .map(|e| e.export.config().name.clone())
+            .collect()
     }
 
     /// `dmsetup create`.
@@ -284,9 +361,10 @@ impl Daemon {
         Ok(self.registry.load(name, table)?)
     }
 
-    /// `dmsetup suspend`.
-    pub fn dm_suspend(&self, name: &str, noflush: bool) -> Result<(), DaemonError> {
-        Ok(self.registry.suspend(name, SuspendFlags { noflush })?)
+    /// `dmsetup suspend`: waits for the device to drain, or at most `timeout` (then
+    /// the device stays active and the error says what is still in flight).
+    pub fn dm_suspend(&self, name: &str, noflush: bool, timeout: Option<Duration>) -> Result<(), DaemonError> {
+        Ok(self.registry.suspend_within(name, SuspendFlags { noflush }, timeout)?)
     }
 
     /// `dmsetup resume`; exports of resized devices tell their front ends.
@@ -439,13 +517,49 @@ impl Daemon {
 
     /// Stops every export (each drains its queues), then flushes every device.
     pub fn shutdown(&self) {
-        let exports = std::mem::take(&mut *self.exports());
+        self.shutdown_steps(&|_| {});
+    }
+
+    /// [`Daemon::shutdown`], giving up after `grace` if a step does not finish (a
+    /// device that stopped completing I/O would otherwise hold the daemon forever);
+    /// the error names the step that was still running. Front ends replay what was in
+    /// flight when they reconnect to the next daemon.
+    pub fn shutdown_within(self: &Arc<Self>, grace: Duration) -> Result<(), String> {
+        let step = Arc::new(Mutex::new(String::from("starting")));
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let worker = {
+            let (daemon, step) = (Arc::clone(self), Arc::clone(&step));
+            std::thread::Builder::new().name("udm-shutdown".into()).spawn(move || {
+                daemon.shutdown_steps(&|s| *step.lock().unwrap_or_else(|e| e.into_inner()) = s);
+                let _ = done_tx.send(());
+            })
+        };
+        if let Err(e) = worker {
+            tracing::warn!("cannot start the shutdown thread ({e}): shutting down without a time limit");
+            self.shutdown();
+            return Ok(());
+        }
+        match done_rx.recv_timeout(grace) {
+            Ok(()) => Ok(()),
+            Err(_) => Err(format!(
+                "shutdown did not finish within {} s, still {}: exiting without it \
+                 (is a device below no longer completing I/O?)",
+                grace.as_secs_f64(),
+                step.lock().unwrap_or_else(|e| e.into_inner())
+            )),
+        }
+    }
+
+    fn shutdown_steps(&self, step: &dyn Fn(String)) {
+        let exports = std::mem::take(&mut self.exports().running);
         for (name, e) in exports {
             tracing::info!(export = %name, "stopping export");
-            e.export.stop();
+            step(format!("stopping export `{name}` (draining its requests)"));
+            e.stop();
         }
         for (name, _) in self.registry.ls() {
             if let Ok(dev) = self.registry.device(&name) {
+                step(format!("flushing `{name}`"));
                 if let Err(e) = udm_mapping::sync_io::flush(dev.as_ref()) {
                     tracing::warn!(device = %name, "flush at shutdown failed: {e}");
                 }

@@ -1,17 +1,21 @@
 //! `udm serve`: runs the daemon until SIGINT or SIGTERM.
 //!
 //! Start-up: the config file (or the embedded default: a 1 GiB RAM volume `vol0`
-//! exported at `./vol0.sock`), then the control socket, then how to attach each export.
+//! exported at `./vol0.sock`), the control socket first (a second daemon in the same
+//! place is refused there, naming the first one's pid, and touches nothing), then the
+//! devices and exports, then how to attach each export.
 //! Shutdown: stop accepting control clients, stop each export after draining its queues,
 //! flush every device, exit 0.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Args;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
+use udm_server::control::socket_file::SocketMode;
 use udm_server::control::ControlServer;
 use udm_server::cpu::parse_cpu_list;
 use udm_server::daemon::config::Config;
@@ -31,6 +35,13 @@ pub struct ServeArgs {
     /// Control socket path (overrides the config's `control`).
     #[arg(long)]
     pub control: Option<PathBuf>,
+    /// Control socket permissions, octal (default 0600: only udm's user may control
+    /// it; overrides the config's `control_mode`).
+    #[arg(long, value_parser = SocketMode::parse)]
+    pub control_mode: Option<SocketMode>,
+    /// Control socket group, name or number (overrides the config's `control_group`).
+    #[arg(long)]
+    pub control_group: Option<String>,
     /// Busy-poll every export's queues (lowest latency, one core per queue) instead of
     /// sleeping on guest kicks; applies to exports of the embedded default and config.
     #[arg(long)]
@@ -38,6 +49,10 @@ pub struct ServeArgs {
     /// Queues of the embedded default export.
     #[arg(long, default_value_t = 1)]
     pub queues: u16,
+    /// At SIGTERM, how long draining the exports and flushing the devices may take
+    /// before udm exits anyway (exit status 1, naming what did not finish).
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    pub shutdown_timeout: f64,
 }
 
 /// Runs `udm serve`.
@@ -52,6 +67,8 @@ pub fn main(args: ServeArgs) -> ExitCode {
 }
 
 fn run(args: ServeArgs) -> Result<(), String> {
+    let grace = Duration::try_from_secs_f64(args.shutdown_timeout)
+        .map_err(|_| format!("--shutdown-timeout {} is not a number of seconds >= 0", args.shutdown_timeout))?;
     let cpus = match &args.cpus {
         Some(text) => parse_cpu_list(text)?,
         None => Vec::new(),
@@ -67,6 +84,12 @@ fn run(args: ServeArgs) -> Result<(), String> {
     if let Some(c) = &args.control {
         config.control = c.clone();
     }
+    if args.control_mode.is_some() {
+        config.control_mode = args.control_mode;
+    }
+    if args.control_group.is_some() {
+        config.control_group.clone_from(&args.control_group);
+    }
     if args.busy_poll {
         for e in &mut config.exports {
             e.poll = PollMode::Busy;
@@ -75,20 +98,16 @@ fn run(args: ServeArgs) -> Result<(), String> {
     // Register the handlers before any thread starts, so every thread inherits them.
     let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(|e| format!("cannot handle signals: {e}"))?;
     let daemon = Arc::new(Daemon::new(cpus));
+    let control = ControlServer::start(&config.control, &config.control_access(), Arc::clone(&daemon))
+        .map_err(|e| format!("control socket: {e}"))?;
     if let Err(e) = daemon.apply(&config) {
+        control.stop();
         daemon.shutdown();
         return Err(format!(
             "setting up {}: {e}",
             args.config.as_deref().map_or("the default volume".into(), |p| p.display().to_string())
         ));
     }
-    let control = match ControlServer::start(&config.control, Arc::clone(&daemon)) {
-        Ok(c) => c,
-        Err(e) => {
-            daemon.shutdown();
-            return Err(format!("control socket {}: {e}", config.control.display()));
-        }
-    };
     println!("udm serving; control socket {}", absolute(&config.control).display());
     for e in daemon.export_ls() {
         print_attach(&e);
@@ -97,7 +116,7 @@ fn run(args: ServeArgs) -> Result<(), String> {
     let signal = signals.forever().next().unwrap_or(SIGTERM);
     tracing::info!(signal, "shutting down");
     control.stop();
-    daemon.shutdown();
+    daemon.shutdown_within(grace)?;
     say(format_args!("udm stopped"));
     Ok(())
 }

@@ -7,7 +7,7 @@
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -18,6 +18,8 @@ use udm_drivers::{BlockDevice, DeviceInfo};
 use vhost::vhost_user::BackendReqHandler;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::control::socket_file::{OwnedSocket, SocketAccess, SocketMode};
 
 use super::backend_channel::{peek_backend_channel, send_config_change};
 use super::config_space::Limits;
@@ -59,6 +61,20 @@ pub struct ExportConfig {
     /// Serial number (GET_ID), at most 20 bytes; defaults to the export name.
     #[serde(default)]
     pub serial: Option<String>,
+    /// Permissions of the socket file (default 0600: udm's user only); e.g. `"0660"`
+    /// with `socket_group` for a QEMU running as another user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_mode: Option<SocketMode>,
+    /// Group of the socket file (name or number; default: udm's group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_group: Option<String>,
+}
+
+impl ExportConfig {
+    /// Who may connect to the socket.
+    pub fn socket_access(&self) -> SocketAccess {
+        SocketAccess { mode: self.socket_mode.unwrap_or_default(), group: self.socket_group.clone() }
+    }
 }
 
 fn default_queues() -> u16 {
@@ -188,6 +204,8 @@ pub struct Export {
     wake: Arc<EventFd>,
     current: Arc<Mutex<Option<UnixStream>>>,
     thread: Option<JoinHandle<()>>,
+    /// Unlinked (if still udm's) once the listener has stopped.
+    socket_file: Option<OwnedSocket>,
 }
 
 /// A summary for `udm export ls`.
@@ -201,17 +219,21 @@ pub struct ExportInfo {
     pub connected: bool,
     /// Front ends accepted so far.
     pub connections: u64,
+    /// Being removed (`export remove` has not returned yet).
+    #[serde(default)]
+    pub removing: bool,
 }
 
 impl Export {
     /// Validates `config`, binds the socket and starts accepting front ends.
     pub fn start(config: ExportConfig, device: Arc<dyn BlockDevice>) -> Result<Export, ExportError> {
         let core = ExportCore::new(&config, device)?;
-        let listener = bind(&config.socket).map_err(|source| ExportError::Listen {
-            name: config.name.clone(),
-            path: config.socket.clone(),
-            source,
-        })?;
+        let listen_error =
+            |source| ExportError::Listen { name: config.name.clone(), path: config.socket.clone(), source };
+        let (listener, socket_file) =
+            OwnedSocket::bind(&config.socket, &config.socket_access(), &format!("export `{}`", config.name))
+                .map_err(listen_error)?;
+        listener.set_nonblocking(true).map_err(listen_error)?;
         let host = |what, source| ExportError::Host { name: config.name.clone(), what, source };
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| host("eventfd", e))?);
         let stop = Arc::new(AtomicBool::new(false));
@@ -225,7 +247,7 @@ impl Export {
                 .map_err(|e| host("spawning the listener thread", e))?
         };
         tracing::info!(export = %config.name, socket = %config.socket.display(), "vhost-user-blk export listening");
-        Ok(Export { config, core, stop, wake, current, thread: Some(thread) })
+        Ok(Export { config, core, stop, wake, current, thread: Some(thread), socket_file: Some(socket_file) })
     }
 
     /// The configuration it runs with.
@@ -245,6 +267,7 @@ impl Export {
             sectors: self.core.shared.limits.load().capacity,
             connected: self.core.connected.load(Ordering::Relaxed),
             connections: self.core.connections.load(Ordering::Relaxed),
+            removing: false,
         }
     }
 
@@ -274,7 +297,7 @@ impl Export {
     }
 
     /// Stops accepting, disconnects the front end after draining every request in
-    /// flight, and removes the socket.
+    /// flight, and removes the socket if it is still the one this export created.
     pub fn stop(mut self) {
         self.shutdown();
     }
@@ -288,7 +311,7 @@ impl Export {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.config.socket);
+        self.socket_file.take();
     }
 }
 
@@ -298,24 +321,6 @@ impl Drop for Export {
             self.shutdown();
         }
     }
-}
-
-fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    // A socket file left by a previous (killed) udm is replaced; anything else is not.
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
-        if meta.file_type().is_socket() {
-            std::fs::remove_file(path)?;
-        } else {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "a file that is not a socket is in the way; remove it or pick another path",
-            ));
-        }
-    }
-    let l = UnixListener::bind(path)?;
-    l.set_nonblocking(true)?;
-    Ok(l)
 }
 
 fn accept_loop(

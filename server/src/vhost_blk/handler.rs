@@ -480,6 +480,8 @@ mod tests {
             idle_poll_us: crate::vhost_blk::export::default_idle_poll_us(),
             cpus: vec![],
             serial: None,
+            socket_mode: None,
+            socket_group: None,
         };
         let core = ExportCore::new(&cfg, dev).unwrap();
         let mut h = BlkHandler::new(Arc::clone(&core));
