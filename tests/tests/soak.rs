@@ -50,8 +50,11 @@ struct Clients {
     stop: Arc<AtomicBool>,
     daemon_epoch: Arc<AtomicU64>,
     progress: Vec<Arc<Progress>>,
-    threads: Vec<Option<JoinHandle<(VerifiedClient, Result<(), Corruption>)>>>,
+    threads: Vec<Option<ClientThread>>,
 }
+
+/// A client's thread: it hands the client back with how its run ended.
+type ClientThread = JoinHandle<(VerifiedClient, Result<(), Corruption>)>;
 
 impl Clients {
     fn start(dir: &Path) -> Clients {
