@@ -34,6 +34,15 @@
 //!   request is held and never completes, like a hung disk, so a test can kill the
 //!   process above with requests provably in flight. [`FaultControl::disarm`] releases
 //!   the held requests to the inner device.
+//! * [`FaultControl::volatile_cache`]: a volatile write cache, like a real disk's (see
+//!   [`volatile_cache`]): writes complete once in the cache and reach the inner device
+//!   (the media) only at a flush, or at once with FUA. At a power cut (the Nth write, or
+//!   [`FaultControl::power_cut`]) a seeded subset of the cached writes is lost, some
+//!   survivors are torn at block granularity, and the survivors land in a seeded order;
+//!   flushed and FUA writes always survive. From the cut on the device is powered off
+//!   (writes vanish, flushes do nothing) and reads show the post-power-loss media, so a
+//!   test can restart on it (after [`FaultControl::disarm`], or on the inner device).
+//!   [`FaultControl::power_cut_report`] says what was lost, torn and reordered.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -48,10 +57,16 @@ use crate::error::{DeviceError, IoError};
 use crate::request::{Completion, IoOp, IoRequest, QueueFull, SECTOR_SIZE};
 use crate::validate::validate_request;
 
+pub mod volatile_cache;
+
+pub use volatile_cache::PowerCut;
+use volatile_cache::VolatileCache;
+
 const MODE_OFF: u8 = 0;
 const MODE_FAIL_AFTER: u8 = 1;
 const MODE_POWER_LOSS: u8 = 2;
 const MODE_STALL_AFTER: u8 = 3;
+const MODE_VOLATILE: u8 = 4;
 
 /// What a fault device does to writes, as parsed from a backend spec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +82,13 @@ pub enum WriteFault {
     },
     /// [`FaultControl::stall_after_writes`].
     StallAfterWrites(u64),
+    /// [`FaultControl::volatile_cache`].
+    VolatileCache {
+        /// 1-based ordinal of the write during which the power goes, if any.
+        power_loss: Option<u64>,
+        /// Chooses what the power cut loses, tears and reorders.
+        seed: u64,
+    },
 }
 
 /// Faults to arm when a fault device is created (see `backend_spec`).
@@ -105,10 +127,11 @@ pub struct FaultControl {
     power_lost: AtomicBool,
     corrupt: ArcSwap<Vec<u64>>,
     torn: Mutex<Option<TornWrite>>,
+    cache: Mutex<VolatileCache>,
 }
 
 impl FaultControl {
-    fn new() -> Self {
+    fn new(media: Arc<dyn BlockDevice>) -> Self {
         FaultControl {
             mode: AtomicU8::new(MODE_OFF),
             threshold: AtomicU64::new(0),
@@ -121,11 +144,31 @@ impl FaultControl {
             power_lost: AtomicBool::new(false),
             corrupt: ArcSwap::from_pointee(Vec::new()),
             torn: Mutex::new(None),
+            cache: Mutex::new(VolatileCache::new(media)),
         }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, VolatileCache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes what a volatile cache still holds to the media (the acknowledged writes of
+    /// a device switched off cleanly) and stops caching.
+    fn settle_cache(&self) {
+        let mut cache = self.cache();
+        if cache.armed && !cache.powered_off {
+            if let Err(e) = cache.write_back() {
+                tracing::error!("fault: writing the volatile cache back to the media failed: {e}");
+            }
+        }
+        cache.armed = false;
+        cache.powered_off = false;
+        cache.cut_at = None;
     }
 
     fn arm(&self, mode: u8, threshold: u64, seed: u64) {
         self.mode.store(MODE_OFF, Ordering::SeqCst);
+        self.settle_cache();
         self.writes.store(0, Ordering::SeqCst);
         self.power_lost.store(false, Ordering::SeqCst);
         *self.torn.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -153,6 +196,75 @@ impl FaultControl {
         self.arm(MODE_STALL_AFTER, n, 0);
     }
 
+    /// From now on, cache writes in a volatile write cache (see the module
+    /// documentation); with `power_loss_at = Some(n)` the power goes during write `n`
+    /// (counted from this call, from 1), which is cached like the others, acknowledged,
+    /// and subject to the cut. `seed` decides what the cut loses, tears and reorders.
+    /// What an earlier volatile cache still held is written to the media first. Resets
+    /// the write count and the power-cut report.
+    pub fn volatile_cache(&self, power_loss_at: Option<u64>, seed: u64) {
+        self.arm(MODE_OFF, 0, seed);
+        {
+            let mut cache = self.cache();
+            cache.armed = true;
+            cache.cut_at = power_loss_at.map(|n| n.max(1));
+            cache.seed = seed;
+            cache.report = None;
+        }
+        self.mode.store(MODE_VOLATILE, Ordering::SeqCst);
+    }
+
+    /// Cuts the power now. With a volatile cache, applies the cut to the cached writes
+    /// (see [`FaultControl::volatile_cache`]) and returns what it did; in any mode, the
+    /// device is powered off from here: writes complete without reaching the media,
+    /// flushes do nothing, reads see the media. [`FaultControl::disarm`] powers it on.
+    pub fn power_cut(&self) -> PowerCut {
+        let mut cache = self.cache();
+        let report = if cache.armed && !cache.powered_off {
+            cache.cut(None).unwrap_or_else(|e| {
+                tracing::error!("fault: writing the surviving blocks to the media failed: {e}");
+                cache.report.clone().unwrap_or_default()
+            })
+        } else {
+            PowerCut::default()
+        };
+        cache.powered_off = true;
+        self.power_off();
+        report
+    }
+
+    /// From the cut on: drop writes and flushes (the power-loss plan past its write).
+    fn power_off(&self) {
+        self.threshold.store(0, Ordering::SeqCst);
+        self.power_lost.store(true, Ordering::SeqCst);
+        self.mode.store(MODE_POWER_LOSS, Ordering::SeqCst);
+    }
+
+    /// What the volatile cache's power cut did, once it happened.
+    pub fn power_cut_report(&self) -> Option<PowerCut> {
+        self.cache().report.clone()
+    }
+
+    /// Acknowledged writes that are only in the volatile cache (a power cut now could
+    /// lose them).
+    pub fn cached_writes(&self) -> u64 {
+        self.cache().cached_writes()
+    }
+
+    /// A request in volatile-cache mode, run to completion under the cache's lock.
+    fn cached_io(&self, req: &IoRequest) -> Result<(), IoError> {
+        let mut cache = self.cache();
+        let ordinal = if req.op.is_write() { self.writes.fetch_add(1, Ordering::AcqRel) + 1 } else { 0 };
+        if cache.powered_off && req.op.is_write() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        let (result, cut) = cache.handle(req, ordinal);
+        if cut {
+            self.power_off();
+        }
+        result
+    }
+
     /// Corrupts every read that covers one of `sectors` (replacing the previous set).
     pub fn corrupt_reads(&self, sectors: impl IntoIterator<Item = u64>) {
         let mut v: Vec<u64> = sectors.into_iter().collect();
@@ -163,9 +275,12 @@ impl FaultControl {
 
     /// Stops injecting write faults and read corruption: the device behaves like the
     /// inner one again (counters and the torn-write record stay readable); requests held
-    /// by a stall go to the inner device at each queue's next poll.
+    /// by a stall go to the inner device at each queue's next poll; what a volatile
+    /// cache holds goes to the media (a clean shutdown); a powered-off device is powered
+    /// on, over the media the cut left.
     pub fn disarm(&self) {
         self.mode.store(MODE_OFF, Ordering::SeqCst);
+        self.settle_cache();
         self.corrupt.store(Arc::new(Vec::new()));
     }
 
@@ -175,6 +290,7 @@ impl FaultControl {
             Some(WriteFault::FailAfterWrites(n)) => self.fail_after_writes(n),
             Some(WriteFault::PowerLossAtWrite { write, seed }) => self.power_loss_at_write(write, seed),
             Some(WriteFault::StallAfterWrites(n)) => self.stall_after_writes(n),
+            Some(WriteFault::VolatileCache { power_loss, seed }) => self.volatile_cache(power_loss, seed),
             None => {}
         }
         self.corrupt_reads(plan.corrupt_sectors.iter().copied());
@@ -265,7 +381,7 @@ pub struct FaultDevice {
 impl FaultDevice {
     /// Wraps `inner`; nothing is injected until the control is armed.
     pub fn new(inner: Arc<dyn BlockDevice>) -> Self {
-        FaultDevice { inner, control: Arc::new(FaultControl::new()) }
+        FaultDevice { control: Arc::new(FaultControl::new(Arc::clone(&inner))), inner }
     }
 
     /// Wraps `inner` with `plan` armed.
@@ -459,6 +575,14 @@ impl IoQueue for FaultQueue {
         if let Err(e) = validate_request(&self.info, &req) {
             // Invalid requests are the inner device's to refuse and must not count as writes.
             self.local.push(Completion { tag: req.tag, result: Err(e) });
+            return Ok(());
+        }
+        if self.control.mode.load(Ordering::Acquire) == MODE_VOLATILE {
+            let result = self.control.cached_io(&req);
+            if req.op == IoOp::Read && result.is_ok() {
+                self.corrupt(&req);
+            }
+            self.local.push(Completion { tag: req.tag, result });
             return Ok(());
         }
         match self.control.fate(req.op) {
