@@ -335,6 +335,35 @@ fn volatile_cache_flush_covers_every_queue() {
     assert_eq!(first_mismatch(&read_back(&mut *media, 1000, 8), 1000, 5), None);
 }
 
+#[test]
+fn devices_sharing_power_lose_it_together() {
+    let origin = FaultDevice::new(disk(1 << 20, 512));
+    let cow = FaultDevice::new(disk(1 << 20, 512));
+    let (oc, cc) = (origin.control(), cow.control());
+    oc.share_power_with(&cc);
+    // Seed 1 loses some of 16 unflushed writes on the COW disk (checked below).
+    oc.volatile_cache(Some(3), 1);
+    cc.volatile_cache(None, 1);
+    let mut oq = origin.open_queue(4).unwrap();
+    let mut cq = cow.open_queue(4).unwrap();
+    assert_eq!(write_fua(&mut *cq, 0, 8, 1), Ok(()));
+    for i in 0..16 {
+        assert_eq!(write_pattern(&mut *cq, 8 + i * 8, 8, 2), Ok(()));
+    }
+    assert_eq!(write_pattern(&mut *oq, 0, 8, 3), Ok(()));
+    assert_eq!(write_pattern(&mut *oq, 8, 8, 3), Ok(()));
+    assert!(!cc.power_lost());
+    assert_eq!(write_pattern(&mut *oq, 16, 8, 3), Ok(()), "the origin disk's third write cuts the power");
+    assert!(oc.power_lost() && cc.power_lost(), "both disks lost power");
+    let report = cc.power_cut_report().expect("the COW disk's cache was cut too");
+    assert_eq!(report.unflushed, 16);
+    assert!(report.lost > 0, "{report:?}");
+    assert_eq!(write_pattern(&mut *cq, 512, 8, 4), Ok(()));
+    let mut media = cow.inner().open_queue(2).unwrap();
+    assert_eq!(first_mismatch(&read_back(&mut *media, 0, 8), 0, 1), None, "the FUA write survived");
+    assert!(read_back(&mut *media, 512, 8).iter().all(|&b| b == 0), "the COW disk is off too");
+}
+
 mod model {
     use super::*;
     use proptest::prelude::*;

@@ -43,11 +43,13 @@
 //!   (writes vanish, flushes do nothing) and reads show the post-power-loss media, so a
 //!   test can restart on it (after [`FaultControl::disarm`], or on the inner device).
 //!   [`FaultControl::power_cut_report`] says what was lost, torn and reordered.
+//!   Devices joined by [`FaultControl::share_power_with`] (an origin disk and a COW
+//!   disk in one machine) lose power together, whichever of them cut it.
 
 use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use arc_swap::ArcSwap;
 
@@ -128,6 +130,8 @@ pub struct FaultControl {
     corrupt: ArcSwap<Vec<u64>>,
     torn: Mutex<Option<TornWrite>>,
     cache: Mutex<VolatileCache>,
+    /// Devices that lose power with this one.
+    rail: Mutex<Vec<Weak<FaultControl>>>,
 }
 
 impl FaultControl {
@@ -145,6 +149,7 @@ impl FaultControl {
             corrupt: ArcSwap::from_pointee(Vec::new()),
             torn: Mutex::new(None),
             cache: Mutex::new(VolatileCache::new(media)),
+            rail: Mutex::new(Vec::new()),
         }
     }
 
@@ -219,18 +224,46 @@ impl FaultControl {
     /// device is powered off from here: writes complete without reaching the media,
     /// flushes do nothing, reads see the media. [`FaultControl::disarm`] powers it on.
     pub fn power_cut(&self) -> PowerCut {
-        let mut cache = self.cache();
-        let report = if cache.armed && !cache.powered_off {
-            cache.cut(None).unwrap_or_else(|e| {
-                tracing::error!("fault: writing the surviving blocks to the media failed: {e}");
-                cache.report.clone().unwrap_or_default()
-            })
-        } else {
-            PowerCut::default()
+        let report = {
+            let mut cache = self.cache();
+            let report = if cache.armed && !cache.powered_off {
+                cache.cut(None).unwrap_or_else(|e| {
+                    tracing::error!("fault: writing the surviving blocks to the media failed: {e}");
+                    cache.report.clone().unwrap_or_default()
+                })
+            } else {
+                PowerCut::default()
+            };
+            cache.powered_off = true;
+            self.power_off();
+            report
         };
-        cache.powered_off = true;
-        self.power_off();
+        self.cut_the_rail();
         report
+    }
+
+    /// Makes this device and `other` lose power together from now on: a power cut of
+    /// either (armed with `power-loss=N` or by [`FaultControl::power_cut`]) cuts both, as
+    /// the disks of one machine. Joining is transitive in effect (a cut travels along
+    /// every join).
+    pub fn share_power_with(self: &Arc<Self>, other: &Arc<FaultControl>) {
+        if Arc::ptr_eq(self, other) {
+            return;
+        }
+        self.rail.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(other));
+        other.rail.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(self));
+    }
+
+    /// Cuts every device on this one's rail that still has power. Called with no cache
+    /// lock held, so two devices cutting at once cannot deadlock.
+    fn cut_the_rail(&self) {
+        let others: Vec<Arc<FaultControl>> =
+            self.rail.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(Weak::upgrade).collect();
+        for other in others {
+            if !other.power_lost() {
+                other.power_cut();
+            }
+        }
     }
 
     /// From the cut on: drop writes and flushes (the power-loss plan past its write).
@@ -253,14 +286,20 @@ impl FaultControl {
 
     /// A request in volatile-cache mode, run to completion under the cache's lock.
     fn cached_io(&self, req: &IoRequest) -> Result<(), IoError> {
-        let mut cache = self.cache();
-        let ordinal = if req.op.is_write() { self.writes.fetch_add(1, Ordering::AcqRel) + 1 } else { 0 };
-        if cache.powered_off && req.op.is_write() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-        let (result, cut) = cache.handle(req, ordinal);
+        let (result, cut) = {
+            let mut cache = self.cache();
+            let ordinal = if req.op.is_write() { self.writes.fetch_add(1, Ordering::AcqRel) + 1 } else { 0 };
+            if cache.powered_off && req.op.is_write() {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            let (result, cut) = cache.handle(req, ordinal);
+            if cut {
+                self.power_off();
+            }
+            (result, cut)
+        };
         if cut {
-            self.power_off();
+            self.cut_the_rail();
         }
         result
     }
