@@ -317,10 +317,13 @@ impl PersistentStore {
         }
     }
 
-    /// Fills the buffer with area `area`'s image from the log.
-    fn fill_area(&mut self, area: u64) {
-        let start = self.area_start(area).min(self.log.len());
-        let end = self.area_end(area).min(self.log.len());
+    /// Fills the buffer with area `area`'s image from `log[..upto]`. A commit passes the
+    /// length it had when its flush went out: entries copied after that may have data
+    /// the flush did not cover, so they wait for the next commit.
+    fn fill_area(&mut self, area: u64, upto: usize) {
+        let upto = upto.min(self.log.len());
+        let start = self.area_start(area).min(upto);
+        let end = self.area_end(area).min(upto);
         let entries = &self.log[start..end];
         format::encode_area(entries, self.buf.as_mut_slice());
     }
@@ -334,8 +337,12 @@ impl PersistentStore {
                 IoRequest::write(l.chunk_to_sector(l.area_location(area + 1)), self.buf.sg(0, len), 0)
             }
             MetaOp::Commit { step: Step::Flush, .. } | MetaOp::Merge { step: Step::Flush, .. } => IoRequest::flush(0),
-            MetaOp::Commit { step: Step::WriteArea, area, .. } | MetaOp::Merge { step: Step::WriteArea, area } => {
-                self.fill_area(area);
+            MetaOp::Commit { step: Step::WriteArea, area, upto } => {
+                self.fill_area(area, upto);
+                IoRequest::write(l.chunk_to_sector(l.area_location(area)), self.buf.sg(0, len), 0).with_fua()
+            }
+            MetaOp::Merge { step: Step::WriteArea, area } => {
+                self.fill_area(area, self.log.len());
                 IoRequest::write(l.chunk_to_sector(l.area_location(area)), self.buf.sg(0, len), 0).with_fua()
             }
             MetaOp::Merge { step: Step::ZeroNext, .. } => unreachable!("merges never zero an area"),
