@@ -21,7 +21,7 @@ use snapshot_common as common;
 
 use std::time::{Duration, Instant};
 
-use common::crash::{flush, random_writes, run_writes, Machine, ViewModel};
+use common::crash::{flush, random_writes, run_writes, ClientWrite, Machine, ViewModel};
 use common::{Rng, SyncIo};
 use udm_mapping::Registry;
 
@@ -85,7 +85,10 @@ impl Images {
 }
 
 /// One crash during the merge: disk `trigger` cuts the power at its `cut`-th write after
-/// the merge starts. Returns whether the power went before the merge finished.
+/// the merge starts. Returns whether the power went before the merge finished; if not,
+/// the client writes the chunk merged last with FUA, and then the power goes (the
+/// merge's last metadata write must be durable by then, or the resumed merge would copy
+/// the old COW data over that write).
 fn crash_once(images: &Images, trigger: usize, cut: u64, seed: u64) -> bool {
     let case = format!("UDM_CRASH_CASE={trigger},{cut},{seed}");
     let machine = Machine::new(&[&images.origin, &images.cow]);
@@ -119,6 +122,13 @@ fn crash_once(images: &Images, trigger: usize, cut: u64, seed: u64) -> bool {
         }
     }
     let lost = machine.power_lost();
+    if !lost {
+        let first_exception = u64::from_le_bytes(images.cow[4096..4104].try_into().unwrap());
+        let writes = [ClientWrite { sector: first_exception * 8, data: rng.bytes(4096), fua: true }];
+        run_writes(q.as_mut(), &writes).unwrap_or_else(|e| panic!("{case}: a write failed: {e}"));
+        model.acknowledged(&writes, true);
+        machine.control(0).power_cut();
+    }
     drop(q);
     drop(reg);
 
@@ -167,6 +177,10 @@ fn an_interrupted_merge_resumes_and_leaves_the_snapshot_on_the_origin() {
             cut += 1 + rng.below(4);
         }
     }
-    eprintln!("{crashes} crashes");
+    // Power cuts after the merge finished.
+    for _ in 0..16 {
+        crash_once(&images, 0, u64::MAX, rng.next());
+    }
+    eprintln!("{crashes} crashes during the merge");
     assert!(crashes > 80, "only {crashes} crashes: the merge is too short for the cut points");
 }
