@@ -126,7 +126,8 @@ fn crash_once(images: &Images, trigger: usize, cut: u64, seed: u64) -> bool {
         let first_exception = u64::from_le_bytes(images.cow[4096..4104].try_into().unwrap());
         let writes = [ClientWrite { sector: first_exception * 8, data: rng.bytes(4096), fua: true }];
         run_writes(q.as_mut(), &writes).unwrap_or_else(|e| panic!("{case}: a write failed: {e}"));
-        model.acknowledged(&writes, true);
+        // (With a large cut this write may itself be the one that cuts the power.)
+        model.acknowledged(&writes, !machine.power_lost());
         machine.control(0).power_cut();
     }
     drop(q);

@@ -130,8 +130,18 @@ pub struct FaultControl {
     corrupt: ArcSwap<Vec<u64>>,
     torn: Mutex<Option<TornWrite>>,
     cache: Mutex<VolatileCache>,
-    /// Devices that lose power with this one.
-    rail: Mutex<Vec<Weak<FaultControl>>>,
+    /// The power supply this device shares with others.
+    rail: Mutex<Arc<Rail>>,
+}
+
+/// Devices that lose power together ([`FaultControl::share_power_with`]). Every request
+/// in volatile-cache mode holds `power` while it runs, and a cut holds it while it powers
+/// every member off, so no member does I/O between the first disk going dark and the
+/// last.
+#[derive(Debug, Default)]
+struct Rail {
+    power: Mutex<()>,
+    members: Vec<Weak<FaultControl>>,
 }
 
 impl FaultControl {
@@ -149,7 +159,7 @@ impl FaultControl {
             corrupt: ArcSwap::from_pointee(Vec::new()),
             torn: Mutex::new(None),
             cache: Mutex::new(VolatileCache::new(media)),
-            rail: Mutex::new(Vec::new()),
+            rail: Mutex::new(Arc::new(Rail::default())),
         }
     }
 
@@ -224,44 +234,60 @@ impl FaultControl {
     /// device is powered off from here: writes complete without reaching the media,
     /// flushes do nothing, reads see the media. [`FaultControl::disarm`] powers it on.
     pub fn power_cut(&self) -> PowerCut {
-        let report = {
-            let mut cache = self.cache();
-            let report = if cache.armed && !cache.powered_off {
-                cache.cut(None).unwrap_or_else(|e| {
-                    tracing::error!("fault: writing the surviving blocks to the media failed: {e}");
-                    cache.report.clone().unwrap_or_default()
-                })
-            } else {
-                PowerCut::default()
-            };
-            cache.powered_off = true;
-            self.power_off();
-            report
+        let rail = self.rail();
+        let _power = rail.power.lock().unwrap_or_else(|p| p.into_inner());
+        let report = self.cut_here();
+        self.cut_the_rail(&rail);
+        report
+    }
+
+    /// Cuts this device's power (the caller holds the rail's lock).
+    fn cut_here(&self) -> PowerCut {
+        let mut cache = self.cache();
+        let report = if cache.armed && !cache.powered_off {
+            cache.cut(None).unwrap_or_else(|e| {
+                tracing::error!("fault: writing the surviving blocks to the media failed: {e}");
+                cache.report.clone().unwrap_or_default()
+            })
+        } else {
+            PowerCut::default()
         };
-        self.cut_the_rail();
+        cache.powered_off = true;
+        self.power_off();
         report
     }
 
     /// Makes this device and `other` lose power together from now on: a power cut of
-    /// either (armed with `power-loss=N` or by [`FaultControl::power_cut`]) cuts both, as
-    /// the disks of one machine. Joining is transitive in effect (a cut travels along
-    /// every join).
+    /// either (armed with `power-loss=N` or by [`FaultControl::power_cut`]) cuts both, at
+    /// once, as the disks of one machine. Joins are transitive: every device joined to
+    /// either shares the power too. Join before starting I/O.
     pub fn share_power_with(self: &Arc<Self>, other: &Arc<FaultControl>) {
-        if Arc::ptr_eq(self, other) {
+        let (a, b) = (self.rail(), other.rail());
+        if Arc::ptr_eq(&a, &b) {
             return;
         }
-        self.rail.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(other));
-        other.rail.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(self));
+        let mut members: Vec<Weak<FaultControl>> = a.members.iter().chain(&b.members).cloned().collect();
+        for c in [self, other] {
+            if !members.iter().any(|m| std::ptr::eq(m.as_ptr(), Arc::as_ptr(c))) {
+                members.push(Arc::downgrade(c));
+            }
+        }
+        let rail = Arc::new(Rail { power: Mutex::new(()), members });
+        for member in rail.members.iter().filter_map(Weak::upgrade) {
+            *member.rail.lock().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&rail);
+        }
     }
 
-    /// Cuts every device on this one's rail that still has power. Called with no cache
-    /// lock held, so two devices cutting at once cannot deadlock.
-    fn cut_the_rail(&self) {
-        let others: Vec<Arc<FaultControl>> =
-            self.rail.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(Weak::upgrade).collect();
-        for other in others {
-            if !other.power_lost() {
-                other.power_cut();
+    fn rail(&self) -> Arc<Rail> {
+        Arc::clone(&self.rail.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Cuts every other device on `rail` that still has power (the caller holds the
+    /// rail's lock).
+    fn cut_the_rail(&self, rail: &Rail) {
+        for other in rail.members.iter().filter_map(Weak::upgrade) {
+            if !std::ptr::eq(Arc::as_ptr(&other), self) && !other.power_lost() {
+                other.cut_here();
             }
         }
     }
@@ -286,6 +312,8 @@ impl FaultControl {
 
     /// A request in volatile-cache mode, run to completion under the cache's lock.
     fn cached_io(&self, req: &IoRequest) -> Result<(), IoError> {
+        let rail = self.rail();
+        let _power = rail.power.lock().unwrap_or_else(|p| p.into_inner());
         let (result, cut) = {
             let mut cache = self.cache();
             let ordinal = if req.op.is_write() { self.writes.fetch_add(1, Ordering::AcqRel) + 1 } else { 0 };
@@ -299,7 +327,7 @@ impl FaultControl {
             (result, cut)
         };
         if cut {
-            self.cut_the_rail();
+            self.cut_the_rail(&rail);
         }
         result
     }
