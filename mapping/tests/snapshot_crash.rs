@@ -57,8 +57,8 @@ impl Images {
     }
 }
 
-/// One crash: disk `trigger` cuts the power at its `cut`-th write after the snapshots
-/// exist. Returns whether the power went before the workload ended.
+/// One crash: disk `trigger` cuts the power at its `cut`-th write from the creation of
+/// the snapshots on. Returns whether the power went before the workload ended.
 fn crash_once(images: &Images, trigger: usize, cut: u64, seed: u64) -> bool {
     let case = format!("UDM_CRASH_CASE={trigger},{cut},{seed}");
     let machine = Machine::new(&[&images.origin, &images.cow, &images.cow]);
@@ -66,9 +66,11 @@ fn crash_once(images: &Images, trigger: usize, cut: u64, seed: u64) -> bool {
     for (name, dev) in DISKS.iter().zip(&machine.faulty) {
         reg.register_backend(name, dev.clone()).unwrap();
     }
+    // The caches are on from the start: the power may also go while the snapshots
+    // initialise their COWs.
+    machine.arm(trigger, cut, seed);
     stack(&reg).unwrap();
     reg.create("base", None, Some(&format!("0 {ORIGIN} snapshot-origin base-real"))).unwrap();
-    machine.arm(trigger, cut, seed);
 
     let mut rng = Rng(seed | 1);
     let mut models = [ViewModel::new(ORIGIN), ViewModel::new(ORIGIN)];
@@ -113,7 +115,7 @@ fn crash_once(images: &Images, trigger: usize, cut: u64, seed: u64) -> bool {
     }
     for (i, name) in ["base-real", "s1"].into_iter().enumerate() {
         let view = SyncIo::on(&reg, name).read_all(ORIGIN).unwrap();
-        if let Err(e) = models[i].check(&view, &images.origin) {
+        if let Err(e) = models[i].check(&view, &images.origin, "the origin's data before the workload") {
             panic!("{case}: {name}: {e} ({cuts})");
         }
     }

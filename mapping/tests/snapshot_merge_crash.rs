@@ -150,7 +150,7 @@ fn crash_once(images: &Images, trigger: usize, cut: u64, seed: u64) -> bool {
     }
     for name in ["base", "base-real"] {
         let view = SyncIo::on(&reg, name).read_all(ORIGIN).unwrap();
-        if let Err(e) = model.check(&view, &images.snapshot) {
+        if let Err(e) = model.check(&view, &images.snapshot, "the snapshot's data") {
             panic!("{case}: {name} after the merge, against the snapshot and the client's writes: {e} ({cuts})");
         }
     }

@@ -178,20 +178,21 @@ impl PersistentStore {
         })
     }
 
-    /// Writes a new header and zeroes area 0, durably (the kernel's new-snapshot path).
+    /// Zeroes area 0, then writes a new header, durably (the kernel's new-snapshot path,
+    /// in the crash-safe order: a header that reaches the disk always finds area 0
+    /// zeroed, whatever a power cut in between keeps).
     fn initialise(&self, queue: &mut dyn IoQueue) -> Result<(), StoreError> {
         let mut buf = IoBuf::new(self.layout.chunk_bytes()).map_err(|_| StoreError::Io {
             during: "allocating the header buffer",
             source: IoError::BadBuffer { reason: "out of memory" },
         })?;
-        Header::new(self.layout.chunk_sectors, true).encode_chunk(buf.as_mut_slice());
         let len = buf.len();
-        sync_io::run(queue, IoRequest::write(0, buf.sg(0, len), 0)).map_err(io_err("writing the new header"))?;
-        buf.as_mut_slice().fill(0);
         let area0 = self.layout.chunk_to_sector(self.layout.area_location(0));
-        sync_io::run(queue, IoRequest::write(area0, buf.sg(0, len), 0).with_fua())
-            .map_err(io_err("zeroing metadata area 0"))?;
-        sync_io::run(queue, IoRequest::flush(0)).map_err(io_err("flushing the new store"))?;
+        sync_io::run(queue, IoRequest::write(area0, buf.sg(0, len), 0)).map_err(io_err("zeroing metadata area 0"))?;
+        sync_io::run(queue, IoRequest::flush(0)).map_err(io_err("flushing the zeroed metadata area 0"))?;
+        Header::new(self.layout.chunk_sectors, true).encode_chunk(buf.as_mut_slice());
+        sync_io::run(queue, IoRequest::write(0, buf.sg(0, len), 0).with_fua())
+            .map_err(io_err("writing the new header"))?;
         Ok(())
     }
 

@@ -172,8 +172,9 @@ impl ViewModel {
     }
 
     /// Checks the device's contents `view` after the cut against the model, with
-    /// `initial` the data before the workload. Describes the first bad sector.
-    pub fn check(&self, view: &[u8], initial: &[u8]) -> Result<(), String> {
+    /// `initial` the data before the client's writes (`initial_is` names it in
+    /// messages). Describes the first bad sector.
+    pub fn check(&self, view: &[u8], initial: &[u8], initial_is: &str) -> Result<(), String> {
         for (s, found) in view.chunks(512).enumerate() {
             let durable = self.durable[s];
             if found == self.bytes(durable, s, initial)
@@ -182,7 +183,7 @@ impl ViewModel {
                 continue;
             }
             let what = if found == &initial[s * 512..(s + 1) * 512] {
-                "its data from before the workload".to_string()
+                initial_is.to_string()
             } else if (0..self.writes.len()).any(|w| {
                 let w = &self.writes[w];
                 (w.sector as usize..w.sector as usize + w.data.len() / 512).contains(&s)
@@ -190,10 +191,10 @@ impl ViewModel {
             }) {
                 "an older write, overwritten before the last flush".to_string()
             } else {
-                "data the client never wrote there".to_string()
+                format!("data that is neither {initial_is} nor a client write there (stale or garbage)")
             };
             return Err(format!(
-                "sector {s} holds {what}; expected its durable version ({durable:?}) or one of {} written since",
+                "sector {s} holds {what}; expected its durable version ({durable:?}) or one of the {} writes since",
                 self.since[s].len()
             ));
         }
