@@ -127,14 +127,12 @@ fn power_loss_tears_the_nth_write_deterministically() {
     assert!(partial);
 }
 
-#[test]
-fn power_loss_counts_writes_across_threads() {
-    let dev = Arc::new(FaultDevice::new(disk(4 << 20, 512)));
-    let ctl = dev.control();
-    ctl.power_loss_at_write(50, 1);
+/// 100 writes of 8 sectors (salt 3) over sectors 0..800, 25 from each of four threads
+/// with their own queues.
+fn write_from_four_threads(dev: &Arc<FaultDevice>) {
     let handles: Vec<_> = (0..4u64)
         .map(|t| {
-            let dev = Arc::clone(&dev);
+            let dev = Arc::clone(dev);
             std::thread::spawn(move || {
                 let mut q = dev.open_queue(4).unwrap();
                 for i in 0..25u64 {
@@ -146,6 +144,14 @@ fn power_loss_counts_writes_across_threads() {
     for h in handles {
         h.join().unwrap();
     }
+}
+
+#[test]
+fn power_loss_counts_writes_across_threads() {
+    let dev = Arc::new(FaultDevice::new(disk(4 << 20, 512)));
+    let ctl = dev.control();
+    ctl.power_loss_at_write(50, 1);
+    write_from_four_threads(&dev);
     assert_eq!(ctl.writes_seen(), 100);
     assert_eq!(ctl.dropped_writes(), 50);
     assert!(ctl.torn_write().is_some());
@@ -308,20 +314,7 @@ fn volatile_cache_flush_covers_every_queue() {
     let dev = Arc::new(FaultDevice::new(disk(4 << 20, 512)));
     let ctl = dev.control();
     ctl.volatile_cache(None, 3);
-    let handles: Vec<_> = (0..4u64)
-        .map(|t| {
-            let dev = Arc::clone(&dev);
-            std::thread::spawn(move || {
-                let mut q = dev.open_queue(4).unwrap();
-                for i in 0..25u64 {
-                    assert_eq!(write_pattern(&mut *q, (t * 25 + i) * 8, 8, 3), Ok(()));
-                }
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().unwrap();
-    }
+    write_from_four_threads(&dev);
     let mut q = dev.open_queue(4).unwrap();
     assert_eq!(ctl.cached_writes(), 100);
     assert_eq!(run_one(&mut *q, IoRequest::flush(0)), Ok(()));

@@ -21,7 +21,7 @@
 mod snapshot_common;
 use snapshot_common as common;
 
-use common::crash::{flush, random_writes, run_writes, Machine, ViewModel};
+use common::crash::{flush, junk_disks, random_writes, run_crashes, run_writes, Machine, ViewModel};
 use common::{Rng, SyncIo};
 use udm_mapping::Registry;
 
@@ -41,7 +41,7 @@ fn stack(reg: &Registry) -> Result<(), udm_mapping::MappingError> {
 }
 
 /// The disks before the snapshots exist: origin data, COWs of old junk with a zeroed
-/// header (LVM zeroes the start of a new COW).
+/// header.
 struct Images {
     origin: Vec<u8>,
     cow: Vec<u8>,
@@ -49,10 +49,7 @@ struct Images {
 
 impl Images {
     fn new() -> Self {
-        let mut rng = Rng(0x5eed);
-        let origin = rng.bytes((ORIGIN * 512) as usize);
-        let mut cow = rng.bytes((COW * 512) as usize);
-        cow[..4096].fill(0);
+        let (origin, cow) = junk_disks(0x5eed, ORIGIN, COW);
         Images { origin, cow }
     }
 }
@@ -125,24 +122,6 @@ fn crash_once(images: &Images, trigger: usize, cut: u64, seed: u64) -> bool {
 #[test]
 fn snapshot_commits_survive_power_cuts_with_a_volatile_write_cache() {
     let images = Images::new();
-    if let Ok(case) = std::env::var("UDM_CRASH_CASE") {
-        let v: Vec<u64> = case.split(',').map(|x| x.parse().expect("UDM_CRASH_CASE=<disk>,<cut>,<seed>")).collect();
-        crash_once(&images, v[0] as usize, v[1], v[2]);
-        return;
-    }
-    let mut rng = Rng(0xc0ffee);
-    let mut crashes = 0;
-    for trigger in 0..DISKS.len() {
-        let mut cut = 1;
-        loop {
-            let seed = rng.next();
-            if !crash_once(&images, trigger, cut, seed) {
-                break;
-            }
-            crashes += 1;
-            cut += 1 + rng.below(12);
-        }
-    }
-    eprintln!("{crashes} crashes");
+    let crashes = run_crashes(DISKS.len(), 0xc0ffee, 12, |trigger, cut, seed| crash_once(&images, trigger, cut, seed));
     assert!(crashes > 100, "only {crashes} crashes: the workload is too short for the cut points");
 }

@@ -201,3 +201,43 @@ impl ViewModel {
         Ok(())
     }
 }
+
+/// Disk images for a crash test: an origin of `origin_sectors` and a COW of `cow_sectors`,
+/// both of old junk (seeded), the COW's header zeroed (LVM zeroes the start of a new COW).
+pub fn junk_disks(seed: u64, origin_sectors: u64, cow_sectors: u64) -> (Vec<u8>, Vec<u8>) {
+    let mut rng = Rng(seed);
+    let origin = rng.bytes((origin_sectors * 512) as usize);
+    let mut cow = rng.bytes((cow_sectors * 512) as usize);
+    cow[..4096].fill(0);
+    (origin, cow)
+}
+
+/// Runs `crash_once(trigger disk, cut, seed)` for each of `disks` trigger disks at cut
+/// points 1, then steps of 1..=`max_step` writes (seeded from `seed`), until a cut comes
+/// after the workload's end (`crash_once` returns false). Returns how many crashes hit
+/// the workload. With `UDM_CRASH_CASE=<disk>,<cut>,<seed>` in the environment (as
+/// failure messages print it), runs that one case instead.
+pub fn run_crashes(
+    disks: usize,
+    seed: u64,
+    max_step: u64,
+    mut crash_once: impl FnMut(usize, u64, u64) -> bool,
+) -> usize {
+    if let Ok(case) = std::env::var("UDM_CRASH_CASE") {
+        let v: Vec<u64> =
+            case.split(',').map(|x| x.trim().parse().expect("UDM_CRASH_CASE=<disk>,<cut>,<seed>")).collect();
+        assert_eq!(v.len(), 3, "UDM_CRASH_CASE=<disk>,<cut>,<seed>");
+        crash_once(v[0] as usize, v[1], v[2]);
+        return usize::MAX;
+    }
+    let mut rng = Rng(seed);
+    let mut crashes = 0;
+    for trigger in 0..disks {
+        let mut cut = 1;
+        while crash_once(trigger, cut, rng.next()) {
+            crashes += 1;
+            cut += 1 + rng.below(max_step);
+        }
+    }
+    crashes
+}

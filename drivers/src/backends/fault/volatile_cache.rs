@@ -243,7 +243,7 @@ impl VolatileCache {
             let landed: Vec<u64> = if h % 8 < loss {
                 report.lost += 1;
                 Vec::new()
-            } else if blocks.len() > 1 && (h >> 8) % 3 == 0 {
+            } else if blocks.len() > 1 && (h >> 8).is_multiple_of(3) {
                 report.torn += 1;
                 blocks.iter().copied().filter(|&b| mix(h ^ mix(b)) & 1 == 1).collect()
             } else {
