@@ -412,7 +412,7 @@ mod model {
         /// before the last flush, or by a FUA write) or a version written after it.
         #[test]
         fn volatile_cache_media_after_a_cut_matches_the_model(
-            ops in prop::collection::vec((0u64..4, 0u64..480, 1u64..32), 1..40),
+            ops in prop::collection::vec((0u64..5, 0u64..480, 1u64..32), 1..40),
             cut in 1u64..40,
             seed in any::<u64>(),
         ) {
@@ -421,6 +421,7 @@ mod model {
             let ctl = dev.control();
             ctl.volatile_cache(Some(cut), seed);
             let mut q = dev.open_queue(4).unwrap();
+            prop_assert!(dev.info().volatile_cache, "a fault device says it may lose unflushed writes");
             // Per sector: the durable salt (0 = never written) and the salts since.
             let mut durable = vec![0u64; sectors];
             let mut since: Vec<Vec<u64>> = vec![Vec::new(); sectors];
@@ -441,7 +442,12 @@ mod model {
                 }
                 writes += 1;
                 let fua = kind == 1;
-                let r = if fua { write_fua(&mut *q, start, len, salt) } else { write_pattern(&mut *q, start, len, salt) };
+                // Kind 2: a discard (cached as zeroes, salt 0); 3: a write.
+                let (r, salt) = match kind {
+                    1 => (write_fua(&mut *q, start, len, salt), salt),
+                    2 => (run_one(&mut *q, IoRequest::discard(start, len, 0)), 0),
+                    _ => (write_pattern(&mut *q, start, len, salt), salt),
+                };
                 prop_assert_eq!(r, Ok(()));
                 if writes > cut {
                     continue;

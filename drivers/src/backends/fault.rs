@@ -1,5 +1,6 @@
 //! `fault`: a wrapper over any [`BlockDevice`] that fails, tears, drops or corrupts I/O
-//! on command, for crash-consistency and verification tests.
+//! on command, or puts a volatile write cache in front of it, for crash-consistency and
+//! verification tests.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -15,9 +16,24 @@
 //! // "Reboot": open `disk` (the surviving media) directly and check recovery.
 //! ```
 //!
+//! A crash test that must catch a missing flush or FUA uses the volatile cache instead:
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! # use udm_drivers::backends::{fault::FaultDevice, mem::MemDevice};
+//! let disk = Arc::new(MemDevice::new(64 << 20, 512).unwrap());
+//! let faulty = FaultDevice::new(disk.clone());
+//! let control = faulty.control();
+//! control.volatile_cache(Some(500), 7); // writes are cached; the power goes at write 500
+//! // ... run the workload through `faulty`, noting what it flushed or wrote with FUA ...
+//! let cut = control.power_cut_report(); // what the cut lost, tore and reordered
+//! // "Reboot" on `disk`: everything flushed or FUA is there; of the rest, whatever the seed kept.
+//! ```
+//!
 //! All queues of one device share one [`FaultControl`] (atomics only), so "the Nth
 //! write" means the Nth write submitted to the device from any thread, in submission
-//! order. A write is a `Write`, `Discard` or `WriteZeroes`; flushes are not counted.
+//! order. A write is a `Write`, `Discard` or `WriteZeroes` (FUA or not); flushes are not
+//! counted.
 //! The plans:
 //! * [`FaultControl::fail_after_writes`]: the first N writes pass; after them every
 //!   request (reads and flushes too) fails with `IoError::Host { errno: EIO }`, like a
@@ -38,8 +54,11 @@
 //!   [`volatile_cache`]): writes complete once in the cache and reach the inner device
 //!   (the media) only at a flush, or at once with FUA. At a power cut (the Nth write, or
 //!   [`FaultControl::power_cut`]) a seeded subset of the cached writes is lost, some
-//!   survivors are torn at block granularity, and the survivors land in a seeded order;
-//!   flushed and FUA writes always survive. From the cut on the device is powered off
+//!   survivors are torn at the inner device's block granularity (sectors on a 512-byte
+//!   device), and the survivors land in a seeded order (where they overlap, an older
+//!   one may end on top); the seed also picks how much is lost (1/8 to 7/8 of the
+//!   cached writes). Writes completed before a flush that completed, and FUA writes,
+//!   always survive. From the cut on the device is powered off
 //!   (writes vanish, flushes do nothing) and reads show the post-power-loss media, so a
 //!   test can restart on it (after [`FaultControl::disarm`], or on the inner device).
 //!   [`FaultControl::power_cut_report`] says what was lost, torn and reordered.
@@ -388,7 +407,8 @@ impl FaultControl {
         self.held.load(Ordering::SeqCst)
     }
 
-    /// Whether the power-loss write has been reached.
+    /// Whether the power is gone: the power-loss write was reached, or a power cut
+    /// (volatile cache, [`FaultControl::power_cut`], or a device sharing the power) happened.
     pub fn power_lost(&self) -> bool {
         self.power_lost.load(Ordering::SeqCst)
     }
@@ -470,8 +490,13 @@ impl FaultDevice {
 }
 
 impl BlockDevice for FaultDevice {
+    /// The inner device's, except that it always says it has a volatile write cache: the
+    /// cache can be switched on at any time, and the layers above must then flush (a
+    /// suspend flushes only devices that say so).
     fn info(&self) -> DeviceInfo {
-        self.inner.info()
+        let mut info = self.inner.info();
+        info.volatile_cache = true;
+        info
     }
 
     fn open_queue(&self, depth: usize) -> Result<Box<dyn IoQueue>, DeviceError> {

@@ -15,8 +15,10 @@
 //! * a read reads the media and overlays the newest cached version of each block;
 //! * a power cut: see [`VolatileCache::cut`].
 //!
-//! Every request runs synchronously under the cache's lock, on a private queue of the
-//! media, so concurrent queues see one order of events. Slow, and only meant for tests.
+//! Every request runs synchronously under the cache's lock (and the lock of the power
+//! rail it shares with other devices), on a private queue of the media, so concurrent
+//! queues see one order of events. The cache keeps every cached write's data and an
+//! entry per cached block until the next flush: slow, and only meant for tests.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -64,8 +66,8 @@ struct CachedWrite {
     /// Counted from 1 when the cache was armed, as `power-loss=N` counts.
     ordinal: u64,
     first_block: u64,
-    /// Its data (zeroes for discard and write-zeroes), whole blocks.
-    data: Vec<u8>,
+    /// Its data, whole blocks; `None` for discard and write-zeroes (zeroes).
+    data: Option<Vec<u8>>,
 }
 
 /// The cache and the media behind it. See the module documentation.
@@ -75,6 +77,8 @@ pub(super) struct VolatileCache {
     staging: Option<DmaMemory>,
     /// Bytes per block: the media's logical block, the unit of caching and tearing.
     block_bytes: usize,
+    /// One block of zeroes, the data of discarded blocks.
+    zero_block: Vec<u8>,
     /// Whether writes are cached (the plan is `volatile-cache`).
     pub(super) armed: bool,
     /// After a cut: writes vanish, flushes do nothing, reads see the media.
@@ -111,6 +115,7 @@ impl VolatileCache {
             queue: None,
             staging: None,
             block_bytes,
+            zero_block: vec![0; block_bytes],
             armed: false,
             powered_off: false,
             cut_at: None,
@@ -175,10 +180,11 @@ impl VolatileCache {
     }
 
     fn insert(&mut self, req: &IoRequest, ordinal: u64) {
-        let mut data = vec![0u8; (req.sectors * SECTOR_SIZE) as usize];
-        if req.op == IoOp::Write {
+        let data = (req.op == IoOp::Write).then(|| {
+            let mut data = vec![0u8; (req.sectors * SECTOR_SIZE) as usize];
             req.sg.copy_to_slice(&mut data);
-        }
+            data
+        });
         let range = self.block_range(req);
         let index = self.writes.len();
         self.writes.push(CachedWrite { ordinal, first_block: range.start, data });
@@ -200,8 +206,13 @@ impl VolatileCache {
 
     fn block_data(&self, index: usize, block: u64) -> &[u8] {
         let w = &self.writes[index];
-        let at = (block - w.first_block) as usize * self.block_bytes;
-        &w.data[at..at + self.block_bytes]
+        match &w.data {
+            Some(data) => {
+                let at = (block - w.first_block) as usize * self.block_bytes;
+                &data[at..at + self.block_bytes]
+            }
+            None => &self.zero_block,
+        }
     }
 
     /// Writes the newest version of every cached block to the media and empties the
