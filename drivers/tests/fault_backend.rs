@@ -205,6 +205,7 @@ fn volatile_scenario(seed: u64) -> (PowerCut, Vec<u64>) {
     let dev = FaultDevice::new(disk(1 << 20, 512));
     let ctl = dev.control();
     let mut q = dev.open_queue(4).unwrap();
+    assert!(!dev.info().volatile_cache, "unarmed, a fault device is as its inner one");
     assert_eq!(write_pattern(&mut *q, 0, 2048, 1), Ok(()), "old contents everywhere, before arming");
     ctl.volatile_cache(None, seed);
     for i in 0..8 {
@@ -421,7 +422,7 @@ mod model {
             let ctl = dev.control();
             ctl.volatile_cache(Some(cut), seed);
             let mut q = dev.open_queue(4).unwrap();
-            prop_assert!(dev.info().volatile_cache, "a fault device says it may lose unflushed writes");
+            prop_assert!(dev.info().volatile_cache, "a volatile cache says it may lose unflushed writes");
             // Per sector: the durable salt (0 = never written) and the salts since.
             let mut durable = vec![0u64; sectors];
             let mut since: Vec<Vec<u64>> = vec![Vec::new(); sectors];

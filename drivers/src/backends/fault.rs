@@ -490,12 +490,12 @@ impl FaultDevice {
 }
 
 impl BlockDevice for FaultDevice {
-    /// The inner device's, except that it always says it has a volatile write cache: the
-    /// cache can be switched on at any time, and the layers above must then flush (a
-    /// suspend flushes only devices that say so).
+    /// The inner device's, except that it says it has a volatile write cache while the
+    /// volatile cache is on (a suspend flushes only devices that say so). Not in the
+    /// other modes: a suspend's flush would hang on a stalled device.
     fn info(&self) -> DeviceInfo {
         let mut info = self.inner.info();
-        info.volatile_cache = true;
+        info.volatile_cache |= self.control.mode.load(Ordering::Acquire) == MODE_VOLATILE;
         info
     }
 
