@@ -584,8 +584,17 @@ impl FaultQueue {
         if self.held.is_empty() || self.control.mode.load(Ordering::Acquire) == MODE_STALL_AFTER {
             return;
         }
+        let power_lost = self.control.power_lost();
         for req in std::mem::take(&mut self.held) {
-            self.pass(req);
+            if power_lost {
+                // A cut while they were held: they never reach the media.
+                if req.op.is_write() {
+                    self.control.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                self.local.push(Completion { tag: req.tag, result: Ok(()) });
+            } else {
+                self.pass(req);
+            }
         }
     }
 
