@@ -11,8 +11,15 @@
 //! The faults are comma-separated: `fail-after=N` (every request fails after N writes),
 //! `power-loss=N[,seed=S]` (write N is torn, later writes dropped), `stall-after=N`
 //! (every request after N writes is held, never completed: a hung disk), `corrupt=SECTOR`
-//! (repeatable: reads of that sector come back with one byte inverted). For example
-//! `fault:corrupt=2048@mem:64M` or `fault:power-loss=100,seed=7@file:/tmp/disk.img`.
+//! (repeatable: reads of that sector come back with one byte inverted), and
+//! `volatile-cache[,power-loss=N][,seed=S]`: a volatile write cache like a real disk's
+//! (writes are acknowledged from the cache and reach the device only at a flush or with
+//! FUA); with `power-loss=N` the power goes during write N: a seeded subset of the
+//! unflushed writes is lost, some are torn at block granularity, the survivors land in a
+//! seeded order, and flushed and FUA writes survive; afterwards writes vanish and reads
+//! show what survived (see [`crate::backends::fault`]). For example
+//! `fault:corrupt=2048@mem:64M`, `fault:power-loss=100,seed=7@file:/tmp/disk.img` or
+//! `fault:volatile-cache,power-loss=500,seed=3@mem:64M`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -207,19 +214,29 @@ impl BackendSpec {
             plan.corrupt_sectors.push(number("corrupt", v)?);
         }
         let seed = opts.take("seed").map(|v| number("seed", v)).transpose()?.unwrap_or(0);
-        match (opts.take("fail-after"), opts.take("power-loss"), opts.take("stall-after")) {
-            (Some(v), None, None) => plan.writes = Some(WriteFault::FailAfterWrites(number("fail-after", v)?)),
-            (None, Some(v), None) => {
-                let write = number("power-loss", v)?;
-                if write == 0 {
-                    return Err(bad(spec, "power-loss counts writes from 1"));
-                }
-                plan.writes = Some(WriteFault::PowerLossAtWrite { write, seed });
+        let volatile = match opts.take("volatile-cache") {
+            None => false,
+            Some(None) => true,
+            Some(Some(_)) => {
+                return Err(bad(spec, "volatile-cache takes no value: write `volatile-cache,power-loss=N`"))
             }
-            (None, None, Some(v)) => plan.writes = Some(WriteFault::StallAfterWrites(number("stall-after", v)?)),
-            (None, None, None) => {}
+        };
+        let power_loss = match opts.take("power-loss") {
+            None => None,
+            Some(v) => match number("power-loss", v)? {
+                0 => return Err(bad(spec, "power-loss counts writes from 1")),
+                n => Some(n),
+            },
+        };
+        plan.writes = match (volatile, opts.take("fail-after"), power_loss, opts.take("stall-after")) {
+            (true, None, power_loss, None) => Some(WriteFault::VolatileCache { power_loss, seed }),
+            (true, ..) => return Err(bad(spec, "volatile-cache combines only with power-loss, seed and corrupt")),
+            (false, Some(v), None, None) => Some(WriteFault::FailAfterWrites(number("fail-after", v)?)),
+            (false, None, Some(write), None) => Some(WriteFault::PowerLossAtWrite { write, seed }),
+            (false, None, None, Some(v)) => Some(WriteFault::StallAfterWrites(number("stall-after", v)?)),
+            (false, None, None, None) => None,
             _ => return Err(bad(spec, "choose one of fail-after, power-loss and stall-after")),
-        }
+        };
         opts.finish(spec)?;
         let inner = Box::new(Self::parse(inner)?);
         Ok(BackendSpec::Fault { plan, inner })
@@ -295,6 +312,26 @@ mod tests {
             }
         );
         assert_eq!(
+            BackendSpec::parse("fault:volatile-cache,power-loss=500,seed=3@mem:1M").unwrap(),
+            BackendSpec::Fault {
+                plan: FaultPlan {
+                    writes: Some(WriteFault::VolatileCache { power_loss: Some(500), seed: 3 }),
+                    corrupt_sectors: vec![]
+                },
+                inner: Box::new(BackendSpec::Mem { bytes: 1 << 20, block_size: 512 })
+            }
+        );
+        assert_eq!(
+            BackendSpec::parse("fault:volatile-cache@mem:1M").unwrap(),
+            BackendSpec::Fault {
+                plan: FaultPlan {
+                    writes: Some(WriteFault::VolatileCache { power_loss: None, seed: 0 }),
+                    corrupt_sectors: vec![]
+                },
+                inner: Box::new(BackendSpec::Mem { bytes: 1 << 20, block_size: 512 })
+            }
+        );
+        assert_eq!(
             BackendSpec::parse("nvme:00:04.0/2,timeout-ms=500,shadow=off").unwrap(),
             BackendSpec::Nvme { bdf: "0000:00:04.0".into(), nsid: 2, timeout_ms: Some(500), shadow_doorbells: false }
         );
@@ -320,6 +357,11 @@ mod tests {
             "fault:stall-after=1,fail-after=2@mem:1M",
             "fault:stall-after=x@mem:1M",
             "fault:drop=1@mem:1M",
+            "fault:volatile-cache=yes@mem:1M",
+            "fault:volatile-cache,power-loss=0@mem:1M",
+            "fault:volatile-cache,fail-after=3@mem:1M",
+            "fault:volatile-cache,stall-after=3@mem:1M",
+            "fault:volatile-cache,power-loss=x@mem:1M",
             "fault:corrupt=1@disk:1M",
             "nvme:",
             "nvme:00:04",

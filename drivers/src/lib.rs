@@ -17,7 +17,8 @@
 //! * Completions come only out of [`IoQueue::poll`], never from inside `submit`.
 //! * Sectors are always 512 bytes; backends enforce their own logical block size.
 //! * [`backends::fault::FaultDevice`] wraps any device to fail, tear, drop or corrupt
-//!   I/O on command, for crash and verification tests.
+//!   I/O on command, or to give it a volatile write cache that loses, tears and reorders
+//!   unflushed writes at a power cut, for crash and verification tests.
 //! * [`backend_spec::open_backend`] opens a device from text: `null:1G`, `mem:1G`,
 //!   `file:/path[,ro][,direct=off][,bs=N]`, `fault:<faults>@<spec>`.
 

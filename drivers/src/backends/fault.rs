@@ -1,5 +1,6 @@
 //! `fault`: a wrapper over any [`BlockDevice`] that fails, tears, drops or corrupts I/O
-//! on command, for crash-consistency and verification tests.
+//! on command, or puts a volatile write cache in front of it, for crash-consistency and
+//! verification tests.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -15,9 +16,24 @@
 //! // "Reboot": open `disk` (the surviving media) directly and check recovery.
 //! ```
 //!
+//! A crash test that must catch a missing flush or FUA uses the volatile cache instead:
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! # use udm_drivers::backends::{fault::FaultDevice, mem::MemDevice};
+//! let disk = Arc::new(MemDevice::new(64 << 20, 512).unwrap());
+//! let faulty = FaultDevice::new(disk.clone());
+//! let control = faulty.control();
+//! control.volatile_cache(Some(500), 7); // writes are cached; the power goes at write 500
+//! // ... run the workload through `faulty`, noting what it flushed or wrote with FUA ...
+//! let cut = control.power_cut_report(); // what the cut lost, tore and reordered
+//! // "Reboot" on `disk`: everything flushed or FUA is there; of the rest, whatever the seed kept.
+//! ```
+//!
 //! All queues of one device share one [`FaultControl`] (atomics only), so "the Nth
 //! write" means the Nth write submitted to the device from any thread, in submission
-//! order. A write is a `Write`, `Discard` or `WriteZeroes`; flushes are not counted.
+//! order. A write is a `Write`, `Discard` or `WriteZeroes` (FUA or not); flushes are not
+//! counted.
 //! The plans:
 //! * [`FaultControl::fail_after_writes`]: the first N writes pass; after them every
 //!   request (reads and flushes too) fails with `IoError::Host { errno: EIO }`, like a
@@ -34,11 +50,25 @@
 //!   request is held and never completes, like a hung disk, so a test can kill the
 //!   process above with requests provably in flight. [`FaultControl::disarm`] releases
 //!   the held requests to the inner device.
+//! * [`FaultControl::volatile_cache`]: a volatile write cache, like a real disk's (see
+//!   [`volatile_cache`]): writes complete once in the cache and reach the inner device
+//!   (the media) only at a flush, or at once with FUA. At a power cut (the Nth write, or
+//!   [`FaultControl::power_cut`]) a seeded subset of the cached writes is lost, some
+//!   survivors are torn at the inner device's block granularity (sectors on a 512-byte
+//!   device), and the survivors land in a seeded order (where they overlap, an older
+//!   one may end on top); the seed also picks how much is lost (1/8 to 7/8 of the
+//!   cached writes). Writes completed before a flush that completed, and FUA writes,
+//!   always survive. From the cut on the device is powered off
+//!   (writes vanish, flushes do nothing) and reads show the post-power-loss media, so a
+//!   test can restart on it (after [`FaultControl::disarm`], or on the inner device).
+//!   [`FaultControl::power_cut_report`] says what was lost, torn and reordered.
+//!   Devices joined by [`FaultControl::share_power_with`] (an origin disk and a COW
+//!   disk in one machine) lose power together, whichever of them cut it.
 
 use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use arc_swap::ArcSwap;
 
@@ -48,10 +78,16 @@ use crate::error::{DeviceError, IoError};
 use crate::request::{Completion, IoOp, IoRequest, QueueFull, SECTOR_SIZE};
 use crate::validate::validate_request;
 
+pub mod volatile_cache;
+
+pub use volatile_cache::PowerCut;
+use volatile_cache::VolatileCache;
+
 const MODE_OFF: u8 = 0;
 const MODE_FAIL_AFTER: u8 = 1;
 const MODE_POWER_LOSS: u8 = 2;
 const MODE_STALL_AFTER: u8 = 3;
+const MODE_VOLATILE: u8 = 4;
 
 /// What a fault device does to writes, as parsed from a backend spec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +103,13 @@ pub enum WriteFault {
     },
     /// [`FaultControl::stall_after_writes`].
     StallAfterWrites(u64),
+    /// [`FaultControl::volatile_cache`].
+    VolatileCache {
+        /// 1-based ordinal of the write during which the power goes, if any.
+        power_loss: Option<u64>,
+        /// Chooses what the power cut loses, tears and reorders.
+        seed: u64,
+    },
 }
 
 /// Faults to arm when a fault device is created (see `backend_spec`).
@@ -105,10 +148,23 @@ pub struct FaultControl {
     power_lost: AtomicBool,
     corrupt: ArcSwap<Vec<u64>>,
     torn: Mutex<Option<TornWrite>>,
+    cache: Mutex<VolatileCache>,
+    /// The power supply this device shares with others.
+    rail: Mutex<Arc<Rail>>,
+}
+
+/// Devices that lose power together ([`FaultControl::share_power_with`]). Every request
+/// in volatile-cache mode holds `power` while it runs, and a cut holds it while it powers
+/// every member off, so no member does I/O between the first disk going dark and the
+/// last.
+#[derive(Debug, Default)]
+struct Rail {
+    power: Mutex<()>,
+    members: Vec<Weak<FaultControl>>,
 }
 
 impl FaultControl {
-    fn new() -> Self {
+    fn new(media: Arc<dyn BlockDevice>) -> Self {
         FaultControl {
             mode: AtomicU8::new(MODE_OFF),
             threshold: AtomicU64::new(0),
@@ -121,11 +177,32 @@ impl FaultControl {
             power_lost: AtomicBool::new(false),
             corrupt: ArcSwap::from_pointee(Vec::new()),
             torn: Mutex::new(None),
+            cache: Mutex::new(VolatileCache::new(media)),
+            rail: Mutex::new(Arc::new(Rail::default())),
         }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, VolatileCache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes what a volatile cache still holds to the media (the acknowledged writes of
+    /// a device switched off cleanly) and stops caching.
+    fn settle_cache(&self) {
+        let mut cache = self.cache();
+        if cache.armed && !cache.powered_off {
+            if let Err(e) = cache.write_back() {
+                tracing::error!("fault: writing the volatile cache back to the media failed: {e}");
+            }
+        }
+        cache.armed = false;
+        cache.powered_off = false;
+        cache.cut_at = None;
     }
 
     fn arm(&self, mode: u8, threshold: u64, seed: u64) {
         self.mode.store(MODE_OFF, Ordering::SeqCst);
+        self.settle_cache();
         self.writes.store(0, Ordering::SeqCst);
         self.power_lost.store(false, Ordering::SeqCst);
         *self.torn.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -153,6 +230,127 @@ impl FaultControl {
         self.arm(MODE_STALL_AFTER, n, 0);
     }
 
+    /// From now on, cache writes in a volatile write cache (see the module
+    /// documentation); with `power_loss_at = Some(n)` the power goes during write `n`
+    /// (counted from this call, from 1), which is cached like the others, acknowledged,
+    /// and subject to the cut. `seed` decides what the cut loses, tears and reorders.
+    /// What an earlier volatile cache still held is written to the media first. Resets
+    /// the write count and the power-cut report.
+    pub fn volatile_cache(&self, power_loss_at: Option<u64>, seed: u64) {
+        self.arm(MODE_OFF, 0, seed);
+        {
+            let mut cache = self.cache();
+            cache.armed = true;
+            cache.cut_at = power_loss_at.map(|n| n.max(1));
+            cache.seed = seed;
+            cache.report = None;
+        }
+        self.mode.store(MODE_VOLATILE, Ordering::SeqCst);
+    }
+
+    /// Cuts the power now. With a volatile cache, applies the cut to the cached writes
+    /// (see [`FaultControl::volatile_cache`]) and returns what it did; in any mode, the
+    /// device is powered off from here: writes complete without reaching the media,
+    /// flushes do nothing, reads see the media. [`FaultControl::disarm`] powers it on.
+    pub fn power_cut(&self) -> PowerCut {
+        let rail = self.rail();
+        let _power = rail.power.lock().unwrap_or_else(|p| p.into_inner());
+        let report = self.cut_here();
+        self.cut_the_rail(&rail);
+        report
+    }
+
+    /// Cuts this device's power (the caller holds the rail's lock).
+    fn cut_here(&self) -> PowerCut {
+        let mut cache = self.cache();
+        let report = if cache.armed && !cache.powered_off {
+            cache.cut(None).unwrap_or_else(|e| {
+                tracing::error!("fault: writing the surviving blocks to the media failed: {e}");
+                cache.report.clone().unwrap_or_default()
+            })
+        } else {
+            PowerCut::default()
+        };
+        cache.powered_off = true;
+        self.power_off();
+        report
+    }
+
+    /// Makes this device and `other` lose power together from now on: a power cut of
+    /// either (armed with `power-loss=N` or by [`FaultControl::power_cut`]) cuts both, at
+    /// once, as the disks of one machine. Joins are transitive: every device joined to
+    /// either shares the power too. Join before starting I/O.
+    pub fn share_power_with(self: &Arc<Self>, other: &Arc<FaultControl>) {
+        let (a, b) = (self.rail(), other.rail());
+        if Arc::ptr_eq(&a, &b) {
+            return;
+        }
+        let mut members: Vec<Weak<FaultControl>> = a.members.iter().chain(&b.members).cloned().collect();
+        for c in [self, other] {
+            if !members.iter().any(|m| std::ptr::eq(m.as_ptr(), Arc::as_ptr(c))) {
+                members.push(Arc::downgrade(c));
+            }
+        }
+        let rail = Arc::new(Rail { power: Mutex::new(()), members });
+        for member in rail.members.iter().filter_map(Weak::upgrade) {
+            *member.rail.lock().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&rail);
+        }
+    }
+
+    fn rail(&self) -> Arc<Rail> {
+        Arc::clone(&self.rail.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Cuts every other device on `rail` that still has power (the caller holds the
+    /// rail's lock).
+    fn cut_the_rail(&self, rail: &Rail) {
+        for other in rail.members.iter().filter_map(Weak::upgrade) {
+            if !std::ptr::eq(Arc::as_ptr(&other), self) && !other.power_lost() {
+                other.cut_here();
+            }
+        }
+    }
+
+    /// From the cut on: drop writes and flushes (the power-loss plan past its write).
+    fn power_off(&self) {
+        self.threshold.store(0, Ordering::SeqCst);
+        self.power_lost.store(true, Ordering::SeqCst);
+        self.mode.store(MODE_POWER_LOSS, Ordering::SeqCst);
+    }
+
+    /// What the volatile cache's power cut did, once it happened.
+    pub fn power_cut_report(&self) -> Option<PowerCut> {
+        self.cache().report.clone()
+    }
+
+    /// Acknowledged writes that are only in the volatile cache (a power cut now could
+    /// lose them).
+    pub fn cached_writes(&self) -> u64 {
+        self.cache().cached_writes()
+    }
+
+    /// A request in volatile-cache mode, run to completion under the cache's lock.
+    fn cached_io(&self, req: &IoRequest) -> Result<(), IoError> {
+        let rail = self.rail();
+        let _power = rail.power.lock().unwrap_or_else(|p| p.into_inner());
+        let (result, cut) = {
+            let mut cache = self.cache();
+            let ordinal = if req.op.is_write() { self.writes.fetch_add(1, Ordering::AcqRel) + 1 } else { 0 };
+            if cache.powered_off && req.op.is_write() {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            let (result, cut) = cache.handle(req, ordinal);
+            if cut {
+                self.power_off();
+            }
+            (result, cut)
+        };
+        if cut {
+            self.cut_the_rail(&rail);
+        }
+        result
+    }
+
     /// Corrupts every read that covers one of `sectors` (replacing the previous set).
     pub fn corrupt_reads(&self, sectors: impl IntoIterator<Item = u64>) {
         let mut v: Vec<u64> = sectors.into_iter().collect();
@@ -163,9 +361,12 @@ impl FaultControl {
 
     /// Stops injecting write faults and read corruption: the device behaves like the
     /// inner one again (counters and the torn-write record stay readable); requests held
-    /// by a stall go to the inner device at each queue's next poll.
+    /// by a stall go to the inner device at each queue's next poll; what a volatile
+    /// cache holds goes to the media (a clean shutdown); a powered-off device is powered
+    /// on, over the media the cut left.
     pub fn disarm(&self) {
         self.mode.store(MODE_OFF, Ordering::SeqCst);
+        self.settle_cache();
         self.corrupt.store(Arc::new(Vec::new()));
     }
 
@@ -175,6 +376,7 @@ impl FaultControl {
             Some(WriteFault::FailAfterWrites(n)) => self.fail_after_writes(n),
             Some(WriteFault::PowerLossAtWrite { write, seed }) => self.power_loss_at_write(write, seed),
             Some(WriteFault::StallAfterWrites(n)) => self.stall_after_writes(n),
+            Some(WriteFault::VolatileCache { power_loss, seed }) => self.volatile_cache(power_loss, seed),
             None => {}
         }
         self.corrupt_reads(plan.corrupt_sectors.iter().copied());
@@ -205,7 +407,8 @@ impl FaultControl {
         self.held.load(Ordering::SeqCst)
     }
 
-    /// Whether the power-loss write has been reached.
+    /// Whether the power is gone: the power-loss write was reached, or a power cut
+    /// (volatile cache, [`FaultControl::power_cut`], or a device sharing the power) happened.
     pub fn power_lost(&self) -> bool {
         self.power_lost.load(Ordering::SeqCst)
     }
@@ -265,7 +468,7 @@ pub struct FaultDevice {
 impl FaultDevice {
     /// Wraps `inner`; nothing is injected until the control is armed.
     pub fn new(inner: Arc<dyn BlockDevice>) -> Self {
-        FaultDevice { inner, control: Arc::new(FaultControl::new()) }
+        FaultDevice { control: Arc::new(FaultControl::new(Arc::clone(&inner))), inner }
     }
 
     /// Wraps `inner` with `plan` armed.
@@ -287,8 +490,13 @@ impl FaultDevice {
 }
 
 impl BlockDevice for FaultDevice {
+    /// The inner device's, except that it says it has a volatile write cache while the
+    /// volatile cache is on (a suspend flushes only devices that say so). Not in the
+    /// other modes: a suspend's flush would hang on a stalled device.
     fn info(&self) -> DeviceInfo {
-        self.inner.info()
+        let mut info = self.inner.info();
+        info.volatile_cache |= self.control.mode.load(Ordering::Acquire) == MODE_VOLATILE;
+        info
     }
 
     fn open_queue(&self, depth: usize) -> Result<Box<dyn IoQueue>, DeviceError> {
@@ -376,8 +584,17 @@ impl FaultQueue {
         if self.held.is_empty() || self.control.mode.load(Ordering::Acquire) == MODE_STALL_AFTER {
             return;
         }
+        let power_lost = self.control.power_lost();
         for req in std::mem::take(&mut self.held) {
-            self.pass(req);
+            if power_lost {
+                // A cut while they were held: they never reach the media.
+                if req.op.is_write() {
+                    self.control.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                self.local.push(Completion { tag: req.tag, result: Ok(()) });
+            } else {
+                self.pass(req);
+            }
         }
     }
 
@@ -459,6 +676,14 @@ impl IoQueue for FaultQueue {
         if let Err(e) = validate_request(&self.info, &req) {
             // Invalid requests are the inner device's to refuse and must not count as writes.
             self.local.push(Completion { tag: req.tag, result: Err(e) });
+            return Ok(());
+        }
+        if self.control.mode.load(Ordering::Acquire) == MODE_VOLATILE {
+            let result = self.control.cached_io(&req);
+            if req.op == IoOp::Read && result.is_ok() {
+                self.corrupt(&req);
+            }
+            self.local.push(Completion { tag: req.tag, result });
             return Ok(());
         }
         match self.control.fate(req.op) {

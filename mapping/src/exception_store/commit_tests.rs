@@ -72,6 +72,32 @@ fn nothing_is_reported_before_the_area_write_completes() {
     assert_eq!(events(&mut s), vec![StoreEvent::Committed(a, true)]);
 }
 
+/// An exception whose copy finished while the preflush was in flight may have data the
+/// flush did not cover: the area write that follows must not carry it (it would point
+/// at data a power cut can lose), and must not fill the area before the next one is
+/// zeroed. It goes durable with the next commit, after its own preflush.
+#[test]
+fn the_area_write_carries_only_exceptions_its_preflush_covered() {
+    let (mut s, mut q, dev) = new_store(2048);
+    let a = Exception { old_chunk: 1, new_chunk: s.prepare(1).unwrap() };
+    s.commit(a, true);
+    let flush = s.next_io().unwrap();
+    assert_eq!(flush.op, IoOp::Flush);
+    // b is copied while the flush is in flight: its data may have missed it.
+    let b = Exception { old_chunk: 2, new_chunk: s.prepare(2).unwrap() };
+    s.commit(b, true);
+    s.io_done(sync_io::run(q.as_mut(), flush));
+    let write = s.next_io().unwrap();
+    assert!(write.fua);
+    s.io_done(sync_io::run(q.as_mut(), write));
+    assert_eq!(events(&mut s), vec![StoreEvent::Committed(a, true)]);
+    let area = &read_all(dev.as_ref())[4096..8192];
+    assert_eq!(area[16..32], [0u8; 16], "b is not in the area yet");
+    assert_eq!(pump_seen(&mut s, q.as_mut()), vec![(IoOp::Flush, 0, false), (IoOp::Write, 8, true)]);
+    assert_eq!(events(&mut s), vec![StoreEvent::Committed(b, true)]);
+    assert_ne!(read_all(dev.as_ref())[4096 + 16..4096 + 32], [0u8; 16], "b is durable now");
+}
+
 #[test]
 fn a_full_area_zeroes_the_next_one_first_and_allocation_skips_it() {
     let (mut s, mut q, dev) = new_store(2048);

@@ -178,20 +178,21 @@ impl PersistentStore {
         })
     }
 
-    /// Writes a new header and zeroes area 0, durably (the kernel's new-snapshot path).
+    /// Zeroes area 0, then writes a new header, durably (the kernel's new-snapshot path,
+    /// in the crash-safe order: a header that reaches the disk always finds area 0
+    /// zeroed, whatever a power cut in between keeps).
     fn initialise(&self, queue: &mut dyn IoQueue) -> Result<(), StoreError> {
         let mut buf = IoBuf::new(self.layout.chunk_bytes()).map_err(|_| StoreError::Io {
             during: "allocating the header buffer",
             source: IoError::BadBuffer { reason: "out of memory" },
         })?;
-        Header::new(self.layout.chunk_sectors, true).encode_chunk(buf.as_mut_slice());
         let len = buf.len();
-        sync_io::run(queue, IoRequest::write(0, buf.sg(0, len), 0)).map_err(io_err("writing the new header"))?;
-        buf.as_mut_slice().fill(0);
         let area0 = self.layout.chunk_to_sector(self.layout.area_location(0));
-        sync_io::run(queue, IoRequest::write(area0, buf.sg(0, len), 0).with_fua())
-            .map_err(io_err("zeroing metadata area 0"))?;
-        sync_io::run(queue, IoRequest::flush(0)).map_err(io_err("flushing the new store"))?;
+        sync_io::run(queue, IoRequest::write(area0, buf.sg(0, len), 0)).map_err(io_err("zeroing metadata area 0"))?;
+        sync_io::run(queue, IoRequest::flush(0)).map_err(io_err("flushing the zeroed metadata area 0"))?;
+        Header::new(self.layout.chunk_sectors, true).encode_chunk(buf.as_mut_slice());
+        sync_io::run(queue, IoRequest::write(0, buf.sg(0, len), 0).with_fua())
+            .map_err(io_err("writing the new header"))?;
         Ok(())
     }
 
@@ -317,10 +318,13 @@ impl PersistentStore {
         }
     }
 
-    /// Fills the buffer with area `area`'s image from the log.
-    fn fill_area(&mut self, area: u64) {
-        let start = self.area_start(area).min(self.log.len());
-        let end = self.area_end(area).min(self.log.len());
+    /// Fills the buffer with area `area`'s image from `log[..upto]`. A commit passes the
+    /// length it had when its flush went out: entries copied after that may have data
+    /// the flush did not cover, so they wait for the next commit.
+    fn fill_area(&mut self, area: u64, upto: usize) {
+        let upto = upto.min(self.log.len());
+        let start = self.area_start(area).min(upto);
+        let end = self.area_end(area).min(upto);
         let entries = &self.log[start..end];
         format::encode_area(entries, self.buf.as_mut_slice());
     }
@@ -334,8 +338,12 @@ impl PersistentStore {
                 IoRequest::write(l.chunk_to_sector(l.area_location(area + 1)), self.buf.sg(0, len), 0)
             }
             MetaOp::Commit { step: Step::Flush, .. } | MetaOp::Merge { step: Step::Flush, .. } => IoRequest::flush(0),
-            MetaOp::Commit { step: Step::WriteArea, area, .. } | MetaOp::Merge { step: Step::WriteArea, area } => {
-                self.fill_area(area);
+            MetaOp::Commit { step: Step::WriteArea, area, upto } => {
+                self.fill_area(area, upto);
+                IoRequest::write(l.chunk_to_sector(l.area_location(area)), self.buf.sg(0, len), 0).with_fua()
+            }
+            MetaOp::Merge { step: Step::WriteArea, area } => {
+                self.fill_area(area, self.log.len());
                 IoRequest::write(l.chunk_to_sector(l.area_location(area)), self.buf.sg(0, len), 0).with_fua()
             }
             MetaOp::Merge { step: Step::ZeroNext, .. } => unreachable!("merges never zero an area"),

@@ -2,6 +2,8 @@
 //! (fixtures/dm-snapshot), RAM backends, synchronous I/O through a held queue.
 #![allow(dead_code)]
 
+pub mod crash;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
@@ -108,22 +110,35 @@ pub fn status(reg: &Registry, name: &str) -> String {
 /// order of submission; returns each write's result. Writes may overlap: with several
 /// in flight the device sees them in any order.
 pub fn write_batch(q: &mut dyn IoQueue, writes: &[(u64, Vec<u8>)], depth: usize) -> Vec<Result<(), IoError>> {
-    let bufs: Vec<IoBuf> = writes
-        .iter()
-        .map(|(_, d)| {
-            let mut b = IoBuf::new(d.len()).unwrap();
-            b.as_mut_slice().copy_from_slice(d);
+    submit_writes(q, writes.len(), |i| (writes[i].0, &writes[i].1, false), depth)
+}
+
+/// Writes `count` writes, write `i` being `write(i) = (sector, data, fua)`, through `q`
+/// with up to `depth` in flight at once; returns each write's result.
+pub fn submit_writes<'a>(
+    q: &mut dyn IoQueue,
+    count: usize,
+    write: impl Fn(usize) -> (u64, &'a [u8], bool),
+    depth: usize,
+) -> Vec<Result<(), IoError>> {
+    let bufs: Vec<IoBuf> = (0..count)
+        .map(|i| {
+            let data = write(i).1;
+            let mut b = IoBuf::new(data.len()).unwrap();
+            b.as_mut_slice().copy_from_slice(data);
             b
         })
         .collect();
-    let mut results = vec![Ok(()); writes.len()];
+    let mut results = vec![Ok(()); count];
     let mut next = 0;
     let mut in_flight = 0;
     let mut done = 0;
     let mut out = [udm_drivers::Completion::EMPTY; 16];
-    while done < writes.len() {
-        while next < writes.len() && in_flight < depth {
-            let req = IoRequest::write(writes[next].0, bufs[next].sg(0, bufs[next].len()), next as u64);
+    while done < count {
+        while next < count && in_flight < depth {
+            let (sector, _, fua) = write(next);
+            let mut req = IoRequest::write(sector, bufs[next].sg(0, bufs[next].len()), next as u64);
+            req.fua = fua;
             match q.submit(req) {
                 Ok(()) => {
                     next += 1;
