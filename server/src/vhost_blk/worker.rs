@@ -351,11 +351,15 @@ impl Worker {
 
     fn serve(&mut self, resubmit: Vec<u16>) {
         let epoll = self.make_epoll();
-        let mem = Arc::clone(&self.mem);
-        for head in resubmit {
-            if let Some(slot) = self.free.pop() {
-                let walk = ChainWalk::new(&mem, self.desc_table, self.size, head);
-                self.start(&mem, slot, head, walk);
+        {
+            // Scoped: a table held here for the whole run would keep its regions mapped
+            // and registered after the front end replaced them.
+            let mem = Arc::clone(&self.mem);
+            for head in resubmit {
+                if let Some(slot) = self.free.pop() {
+                    let walk = ChainWalk::new(&mem, self.desc_table, self.size, head);
+                    self.start(&mem, slot, head, walk);
+                }
             }
         }
         if self.shared.mode == PollMode::Busy || epoll.is_some() {
