@@ -434,21 +434,23 @@ fn a_saturated_blocking_call_eventfd_does_not_wedge_the_worker() {
     let fd = g.call.as_raw_fd();
     // SAFETY: fcntl on the test's own eventfd.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    assert_ne!(flags & libc::O_NONBLOCK, 0, "udm makes the call eventfd non-blocking");
-    // SAFETY: as above.
+    // SAFETY: as above. (udm sets O_NONBLOCK; a hostile front end can clear it again.)
     assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) }, 0);
     g.call.write(u64::MAX - 1).unwrap(); // the counter's maximum: any further write blocks
-    g.check_serial();
-    g.check_serial();
 
+    // The guest and the stop run on a thread of their own: a wedged worker must fail this
+    // test, not hang it (unwinding would wait for the worker while dropping the export).
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
+        g.check_serial();
+        g.check_serial();
         export.stop();
+        drop(g);
         let _ = tx.send(());
     });
-    // Also a guard, not a speed check: a wedged worker never lets stop() return.
-    rx.recv_timeout(Duration::from_secs(20)).expect("export stop returns while the call eventfd is saturated");
-    drop(g);
+    // A guard, not a speed check: a worker blocked in write(2) never lets this finish.
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("requests complete and the export stops while the call eventfd is saturated");
 }
 
 /// Defect 4 (a request that faults is a poison pill): a request that makes the worker
@@ -511,12 +513,11 @@ fn a_new_memory_table_keeps_the_old_region_registered_until_its_requests_complet
     moved.write_all_at(&all, 0).unwrap();
     let region = g.region(&moved, 4 * MIB);
     g.fe.set_mem_table(&[region]).unwrap();
-    assert!(
-        !probe.registrations.lock().unwrap().contains(&(old_region, false)),
-        "the old region was unregistered while a request on it was in flight"
-    );
-
+    let unregistered_early = probe.registrations.lock().unwrap().contains(&(old_region, false));
+    // Released before asserting, so a failure does not leave the export draining forever.
     probe.release_held.store(true, Ordering::SeqCst);
+    assert!(!unregistered_early, "the old region was unregistered while a request on it was in flight");
+
     g.mem = moved;
     wait_until("the held read to complete", || g.used_idx() == 1);
     assert_eq!(g.byte(status_at), S_OK);
