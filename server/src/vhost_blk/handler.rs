@@ -21,7 +21,7 @@ use vhost::VhostUserMemoryRegionBase;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 use super::config_space::{config_space, read_window};
-use super::export::ExportCore;
+use super::export::{ExportConfig, ExportCore, ExportError};
 use super::features::{has, protocol_features, virtio_features};
 use super::guest_memory::{MemoryTable, MAX_MEM_SLOTS};
 use super::inflight::{InflightQueue, InflightRegion, MAX_QUEUE_SIZE};
@@ -96,6 +96,21 @@ impl BlkHandler {
             inflight: None,
             on_fault,
         }
+    }
+
+    /// A handler for an export of `device` as `config` says, with no socket: for driving
+    /// the protocol in-process (the vhost-user fuzz target and its proptest).
+    pub fn standalone(
+        config: &ExportConfig,
+        device: Arc<dyn udm_drivers::BlockDevice>,
+        on_fault: FaultHook,
+    ) -> Result<Self, ExportError> {
+        Ok(Self::with_fault_hook(ExportCore::new(config, device)?, on_fault))
+    }
+
+    /// Whether ring `index` has a worker running.
+    pub fn is_running(&self, index: usize) -> bool {
+        self.vrings.get(index).is_some_and(|vr| vr.worker.is_some())
     }
 
     fn vring(&mut self, index: u32) -> VuResult<&mut Vring> {
