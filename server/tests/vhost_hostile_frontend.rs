@@ -52,6 +52,7 @@ const HELD_SECTOR: u64 = 8;
 #[derive(Default)]
 struct Probe {
     submitted_panic_sector: AtomicU64,
+    reads: AtomicU64,
     held: AtomicU64,
     release_held: AtomicBool,
     /// (host address, registered?) in call order.
@@ -93,6 +94,7 @@ impl IoQueue for ProbeQueue {
             panic!("probe device: a read of sector {PANIC_SECTOR}");
         }
         if req.op == IoOp::Read {
+            self.probe.reads.fetch_add(1, Ordering::SeqCst);
             req.sg.fill_zero();
         }
         if req.op == IoOp::Read && req.sector == HELD_SECTOR {
@@ -356,6 +358,52 @@ fn get_id_with_more_than_4_gib_of_buffers_is_answered_and_reconnects_work() {
     let mut again = Guest::connect(&socket, 4 * MIB);
     again.start_ring(0);
     again.check_serial();
+    assert!(connected(&export));
+}
+
+/// A chain longer than the ring (here a loop that, cut after ring-size steps, looks like
+/// a well-formed read) fails as a whole: nothing reaches the device, no status byte is
+/// written, and the ring goes on.
+#[test]
+fn a_looping_chain_fails_and_the_ring_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let probe = Arc::new(Probe::default());
+    let export = start_export(dir.path(), "loop", &probe);
+    let socket = export.config().socket.clone();
+    let mut g = Guest::connect(&socket, 4 * MIB);
+    g.start_ring(0);
+    g.check_serial();
+    let reads_before = probe.reads.load(Ordering::SeqCst);
+    // Header, six 512-byte buffers, a status byte whose `next` goes back to the first
+    // buffer: eight descriptors in a ring of eight, then the loop.
+    let mut hdr = [0u8; 16];
+    hdr[0..4].copy_from_slice(&T_IN.to_le_bytes());
+    g.mem.write_at(&hdr, HEADERS).unwrap();
+    g.mem.write_at(&[0xff], STATUSES).unwrap();
+    let mut put = |i: u16, addr: u64, len: u32, flags: u16, next: u16| {
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+        g.mem.write_at(&d, DESC + u64::from(i) * 16).unwrap();
+    };
+    put(0, HEADERS, 16, F_NEXT, 1);
+    for i in 1..7 {
+        put(i, DATA + u64::from(i) * 512, 512, F_NEXT | F_WRITE, i + 1);
+    }
+    put(7, STATUSES, 1, F_NEXT | F_WRITE, 1);
+    let slot = u64::from(g.avail_idx % QUEUE);
+    g.mem.write_at(&0u16.to_le_bytes(), AVAIL + 4 + slot * 2).unwrap();
+    g.avail_idx += 1;
+    g.mem.write_at(&g.avail_idx.to_le_bytes(), AVAIL + 2).unwrap();
+    g.kick.write(1).unwrap();
+    let done = g.avail_idx;
+    wait_until("the looping chain to be answered", || g.used_idx() == done);
+    assert_eq!(g.used_entry(done - 1), (0, 0), "refused with nothing written");
+    assert_eq!(g.byte(STATUSES), 0xff, "no status byte for a chain without a trustworthy end");
+    assert_eq!(probe.reads.load(Ordering::SeqCst), reads_before, "the device saw a read");
+    g.check_serial();
     assert!(connected(&export));
 }
 

@@ -265,6 +265,11 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
         let max = self.core.queue_size;
         let vr = self.vring(index)?;
         if num == 0 || num > u32::from(max) || !num.is_power_of_two() {
+            tracing::warn!(
+                export = %self.core.name,
+                queue = index,
+                "SET_VRING_NUM {num} refused: ring sizes are powers of two up to the export's queue_size {max}"
+            );
             return Err(VuError::InvalidParam);
         }
         vr.size = num as u16;
@@ -305,6 +310,11 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         let i = usize::from(index);
         self.vring(u32::from(index))?;
+        if let Some(f) = &fd {
+            // The worker reads it only when epoll says it is readable, but the front end
+            // shares it and may read it first: a blocking read would then wait forever.
+            set_nonblocking(f).map_err(|e| internal(format!("making the kick eventfd non-blocking: {e}")))?;
+        }
         self.stop(i);
         self.vrings[i].kick = fd;
         self.try_start(i)

@@ -160,6 +160,9 @@ pub enum Reason {
     /// Discard with the unmap flag, or unknown flags (the spec requires UNSUPP).
     #[error("unsupported discard/write-zeroes flags {0:#x}")]
     BadFlags(u32),
+    /// The descriptor chain itself is malformed (see `chain::ChainWalk::broken`).
+    #[error("malformed descriptor chain: {0}")]
+    BrokenChain(&'static str),
     /// A data direction that the operation does not use.
     #[error("{0:?} request carries data in the wrong direction")]
     WrongDirection(BlkOp),

@@ -529,20 +529,30 @@ impl Worker {
     }
 
     /// Parses one chain and submits it (or answers it at once).
-    fn start(&mut self, mem: &GuestMem, slot_idx: u16, head: u16, descs: impl Iterator<Item = Desc>) {
+    fn start(&mut self, mem: &GuestMem, slot_idx: u16, head: u16, walk: ChainWalk<'_>) {
         self.current = Some((slot_idx, head));
-        self.start_current(mem, slot_idx, head, descs);
+        self.start_current(mem, slot_idx, head, walk);
         self.current = None;
     }
 
-    fn start_current(&mut self, mem: &GuestMem, slot_idx: u16, head: u16, descs: impl Iterator<Item = Desc>) {
+    fn start_current(&mut self, mem: &GuestMem, slot_idx: u16, head: u16, mut walk: ChainWalk<'_>) {
         let limits = self.shared.limits.load();
         let slot = &mut self.slots[usize::from(slot_idx)];
         slot.head = head;
         slot.req = None;
-        let req = match parse_chain(mem, descs, &limits, &mut slot.segs, &mut self.descs) {
+        let parsed = parse_chain(mem, walk.by_ref(), &limits, &mut slot.segs, &mut self.descs);
+        // A broken chain fails whatever its first descriptors looked like; its status
+        // byte is unknown (the chain has no trustworthy end), so none is written.
+        let parsed = match walk.broken() {
+            Some(why) => Err(Rejection { status_addr: None, reason: Reason::BrokenChain(why) }),
+            None => parsed,
+        };
+        let req = match parsed {
             Ok(r) => r,
-            Err(rej) if matches!(rej.reason, Reason::OutsideMemory { .. }) && self.memory_moved_on(mem) => {
+            Err(rej)
+                if matches!(rej.reason, Reason::OutsideMemory { .. } | Reason::BrokenChain(_))
+                    && self.memory_moved_on(mem) =>
+            {
                 // The front end added a region (acknowledged) after this pass loaded the
                 // memory table and before it popped this chain: walk it again in the
                 // current table rather than fail a valid request.
