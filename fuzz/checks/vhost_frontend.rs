@@ -97,6 +97,10 @@ impl Input<'_> {
     fn u64(&mut self) -> u64 {
         u64::from(self.u32()) | (u64::from(self.u32()) << 32)
     }
+    /// True for one byte value in `n` (0, n, 2n, ...).
+    fn one_in(&mut self, n: u8) -> bool {
+        self.u8().is_multiple_of(n)
+    }
     fn pick<T: Copy>(&mut self, from: &[T]) -> T {
         from[usize::from(self.u8()) % from.len()]
     }
@@ -247,12 +251,12 @@ fn step(h: &mut BlkHandler, guest: &mut Guest, input: &mut Input<'_>, patience: 
         }
         2 => {
             let f = h.get_features().unwrap_or(0);
-            let want = if input.u8() % 4 == 0 { input.u64() } else { (f & input.u64()) | (1 << 30) };
+            let want = if input.one_in(4) { input.u64() } else { (f & input.u64()) | (1 << 30) };
             let _ = h.set_features(want);
         }
         3 => {
             let f = h.get_protocol_features().map(|p| p.bits()).unwrap_or(0);
-            let _ = h.set_protocol_features(if input.u8() % 4 == 0 { input.u64() } else { f });
+            let _ = h.set_protocol_features(if input.one_in(4) { input.u64() } else { f });
         }
         4 => {
             let n = input.u8() % 3;
@@ -265,7 +269,7 @@ fn step(h: &mut BlkHandler, guest: &mut Guest, input: &mut Input<'_>, patience: 
                 regions.push(region);
                 files.push(file);
             }
-            if input.u8() % 8 == 0 {
+            if input.one_in(8) {
                 files.pop(); // a region without its file
             }
             if h.set_mem_table(&regions, files, None).is_ok() {
@@ -287,7 +291,7 @@ fn step(h: &mut BlkHandler, guest: &mut Guest, input: &mut Input<'_>, patience: 
         }
         6 => {
             let (gpa, size) = match guest.regions.first() {
-                Some((gpa, _, len)) if input.u8() % 2 == 0 => (*gpa, *len),
+                Some((gpa, _, len)) if input.one_in(2) => (*gpa, *len),
                 _ => (u64::from(input.u32()), u64::from(input.u32())),
             };
             let single = VhostUserSingleMemoryRegion::new(gpa, size, 0, 0);
@@ -328,16 +332,16 @@ fn step(h: &mut BlkHandler, guest: &mut Guest, input: &mut Input<'_>, patience: 
             }
         }
         10 => {
-            let fd = (input.u8() % 4 != 0).then(|| eventfd(input.u8() % 2 == 0, 0));
+            let fd = (!input.one_in(4)).then(|| eventfd(input.one_in(2), 0));
             guest.kicks[r] = fd.as_ref().map(|f| f.try_clone().expect("dup"));
             let _ = h.set_vring_kick(ring as u8, fd);
         }
         11 => {
-            let fd = (input.u8() % 4 != 0).then(|| eventfd(input.u8() % 2 == 0, input.pick(&[0, 1, u64::MAX])));
+            let fd = (!input.one_in(4)).then(|| eventfd(input.one_in(2), input.pick(&[0, 1, u64::MAX])));
             let _ = h.set_vring_call(ring as u8, fd);
         }
         12 => {
-            let _ = h.set_vring_enable(ring, input.u8() % 4 != 0);
+            let _ = h.set_vring_enable(ring, !input.one_in(4));
         }
         13 => {
             let _ = h.get_vring_base(ring);
@@ -405,7 +409,7 @@ fn guest_write_descriptor(guest: &Guest, r: usize, input: &mut Input<'_>) {
     d[14..16].copy_from_slice(&next.to_le_bytes());
     guest.write(at, &d);
     // A request header there too sometimes, so parsing gets past it.
-    if input.u8() % 2 == 0 {
+    if input.one_in(2) {
         let mut hdr = [0u8; 16];
         hdr[0..4].copy_from_slice(&input.pick(&[0u32, 1, 4, 8, 11, 13, 99]).to_le_bytes());
         hdr[8..16].copy_from_slice(&u64::from(input.u16()).to_le_bytes());
@@ -426,7 +430,7 @@ fn guest_queue_chain(
     let count = 1 + input.u8() % 4;
     let mut idx = next;
     for _ in 0..count {
-        let head = if input.u8() % 8 == 0 { input.u16() } else { input.u16() % size.max(1) };
+        let head = if input.one_in(8) { input.u16() } else { input.u16() % size.max(1) };
         guest.write(avail + 4 + u64::from(idx % size.max(1)) * 2, &head.to_le_bytes());
         idx = idx.wrapping_add(1);
     }

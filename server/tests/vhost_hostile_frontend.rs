@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -137,6 +137,16 @@ fn memfd(len: u64) -> File {
     let f = unsafe { File::from_raw_fd(fd) };
     f.set_len(len).unwrap();
     f
+}
+
+/// A probe device exported as `name` in a fresh directory: (directory, probe, export,
+/// socket path).
+fn rig(name: &str) -> (tempfile::TempDir, Arc<Probe>, Export, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let probe = Arc::new(Probe::default());
+    let export = start_export(dir.path(), name, &probe);
+    let socket = export.config().socket.clone();
+    (dir, probe, export, socket)
 }
 
 fn start_export(dir: &Path, name: &str, probe: &Arc<Probe>) -> Export {
@@ -337,10 +347,7 @@ fn hang_up(guest: Guest, export: &Export) {
 /// completes.
 #[test]
 fn get_id_with_more_than_4_gib_of_buffers_is_answered_and_reconnects_work() {
-    let dir = tempfile::tempdir().unwrap();
-    let probe = Arc::new(Probe::default());
-    let export = start_export(dir.path(), "getid", &probe);
-    let socket = export.config().socket.clone();
+    let (_dir, _probe, export, socket) = rig("getid");
     // A sparse memfd of 5 GiB and a bit: nothing is touched past the rings and the id.
     let mut g = Guest::connect(&socket, (5 << 30) + 2 * MIB);
     g.start_ring(0);
@@ -366,10 +373,7 @@ fn get_id_with_more_than_4_gib_of_buffers_is_answered_and_reconnects_work() {
 /// written, and the ring goes on.
 #[test]
 fn a_looping_chain_fails_and_the_ring_goes_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let probe = Arc::new(Probe::default());
-    let export = start_export(dir.path(), "loop", &probe);
-    let socket = export.config().socket.clone();
+    let (_dir, probe, export, socket) = rig("loop");
     let mut g = Guest::connect(&socket, 4 * MIB);
     g.start_ring(0);
     g.check_serial();
@@ -380,7 +384,7 @@ fn a_looping_chain_fails_and_the_ring_goes_on() {
     hdr[0..4].copy_from_slice(&T_IN.to_le_bytes());
     g.mem.write_at(&hdr, HEADERS).unwrap();
     g.mem.write_at(&[0xff], STATUSES).unwrap();
-    let mut put = |i: u16, addr: u64, len: u32, flags: u16, next: u16| {
+    let put = |i: u16, addr: u64, len: u32, flags: u16, next: u16| {
         let mut d = [0u8; 16];
         d[0..8].copy_from_slice(&addr.to_le_bytes());
         d[8..12].copy_from_slice(&len.to_le_bytes());
@@ -412,10 +416,7 @@ fn a_looping_chain_fails_and_the_ring_goes_on() {
 /// SET_MEM_TABLE and ADD_MEM_REG refuse it before mapping.
 #[test]
 fn a_memory_region_larger_than_its_file_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let probe = Arc::new(Probe::default());
-    let export = start_export(dir.path(), "shortmem", &probe);
-    let socket = export.config().socket.clone();
+    let (_dir, _probe, export, socket) = rig("shortmem");
 
     let g = Guest::connect(&socket, 64 << 10);
     let lie = g.region(&g.mem, 4 * MIB);
@@ -445,10 +446,7 @@ fn a_memory_region_larger_than_its_file_is_refused() {
 /// mapped as it was (SIGBUS when the worker touched it). Now it is refused.
 #[test]
 fn an_inflight_file_shorter_than_declared_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let probe = Arc::new(Probe::default());
-    let export = start_export(dir.path(), "shortinflight", &probe);
-    let socket = export.config().socket.clone();
+    let (_dir, _probe, export, socket) = rig("shortinflight");
 
     let mut g = Guest::connect(&socket, 4 * MIB);
     let short = memfd(64);
@@ -471,10 +469,7 @@ fn an_inflight_file_shorter_than_declared_is_refused() {
 /// O_NONBLOCK again after udm set it (the flag is shared with it).
 #[test]
 fn a_saturated_blocking_call_eventfd_does_not_wedge_the_worker() {
-    let dir = tempfile::tempdir().unwrap();
-    let probe = Arc::new(Probe::default());
-    let export = start_export(dir.path(), "callfd", &probe);
-    let socket = export.config().socket.clone();
+    let (_dir, _probe, export, socket) = rig("callfd");
 
     let mut g = Guest::connect(&socket, 4 * MIB);
     g.call = EventFd::new(0).unwrap();
@@ -507,10 +502,7 @@ fn a_saturated_blocking_call_eventfd_does_not_wedge_the_worker() {
 /// inflight region the request is not replayed.
 #[test]
 fn a_faulting_request_fails_with_ioerr_and_is_not_replayed_after_reconnect() {
-    let dir = tempfile::tempdir().unwrap();
-    let probe = Arc::new(Probe::default());
-    let export = start_export(dir.path(), "poison", &probe);
-    let socket = export.config().socket.clone();
+    let (_dir, probe, export, socket) = rig("poison");
 
     let mut g = Guest::connect(&socket, 4 * MIB);
     let (info, inflight) =
@@ -542,10 +534,7 @@ fn a_faulting_request_fails_with_ioerr_and_is_not_replayed_after_reconnect() {
 /// must not unregister (DMA unmap) the old region before that request completes.
 #[test]
 fn a_new_memory_table_keeps_the_old_region_registered_until_its_requests_complete() {
-    let dir = tempfile::tempdir().unwrap();
-    let probe = Arc::new(Probe::default());
-    let export = start_export(dir.path(), "memswap", &probe);
-    let socket = export.config().socket.clone();
+    let (_dir, probe, export, socket) = rig("memswap");
 
     let mut g = Guest::connect(&socket, 4 * MIB);
     g.start_ring(0);
