@@ -54,6 +54,8 @@ struct Probe {
     submitted_panic_sector: AtomicU64,
     reads: AtomicU64,
     held: AtomicU64,
+    /// Makes `info()` panic: a fault in the connection's own thread (not a worker's).
+    panic_in_info: AtomicBool,
     release_held: AtomicBool,
     /// (host address, registered?) in call order.
     registrations: Mutex<Vec<(u64, bool)>>,
@@ -69,6 +71,9 @@ struct ProbeQueue {
 
 impl BlockDevice for ProbeDevice {
     fn info(&self) -> DeviceInfo {
+        if self.0.panic_in_info.load(Ordering::SeqCst) {
+            panic!("probe device: info() while asked to fail");
+        }
         DeviceInfo::new(2048, 512)
     }
 
@@ -527,6 +532,30 @@ fn a_faulting_request_fails_with_ioerr_and_is_not_replayed_after_reconnect() {
     g.check_serial();
     assert_eq!(probe.submitted_panic_sector.load(Ordering::SeqCst), 1, "the faulting request was replayed");
     assert_eq!(g.used_idx(), used.wrapping_add(1), "only the new request completed");
+    assert!(connected(&export));
+}
+
+/// Defect 1, second half: a fault in a connection's message loop (here the device panics
+/// while GET_FEATURES reads its geometry) ended the listener with it: every reconnect
+/// was refused while `export ls` said connected. Now it ends that connection only.
+#[test]
+fn a_fault_in_the_message_loop_ends_that_connection_only() {
+    let (_dir, probe, export, socket) = rig("loopfault");
+    let fe = Frontend::connect(&socket, 1).expect("connect");
+    fe.set_owner().unwrap();
+    probe.panic_in_info.store(true, Ordering::SeqCst);
+    // On a thread of its own: a connection left half-dead would never answer.
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(fe.get_features().is_err());
+    });
+    let ended = rx.recv_timeout(Duration::from_secs(20)).expect("the faulted connection is closed, not left hanging");
+    assert!(ended, "GET_FEATURES failed: the connection ended");
+    probe.panic_in_info.store(false, Ordering::SeqCst);
+    wait_until("the export to drop the faulted connection", || !connected(&export));
+    let mut g = Guest::connect(&socket, 4 * MIB);
+    g.start_ring(0);
+    g.check_serial();
     assert!(connected(&export));
 }
 

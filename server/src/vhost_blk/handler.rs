@@ -367,6 +367,11 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
     }
 
     fn get_config(&mut self, offset: u32, size: u32, _flags: VhostUserConfigFlags) -> VuResult<Vec<u8>> {
+        // The vhost crate bounds it by the message size; the reply is allocated here, so
+        // bound it here too.
+        if size > vhost::vhost_user::message::VHOST_USER_CONFIG_SIZE {
+            return Err(invalid("GET_CONFIG asks for more than the 4 KiB a config space may have"));
+        }
         let info = self.core.current_info();
         let limits = **self.core.shared.limits.load();
         Ok(read_window(&config_space(&info, &limits, self.core.num_queues), offset, size))
