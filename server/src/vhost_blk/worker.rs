@@ -111,6 +111,10 @@ pub struct QueueEnd {
 pub struct WorkerHandle {
     stop: Arc<AtomicBool>,
     wake: Arc<EventFd>,
+    /// The ring's kick, shared with the front end: signalled on stop too, in case the
+    /// worker is in a read of it (the front end can make the kick blocking and drain it
+    /// between the worker's epoll and its read).
+    kick: Option<File>,
     thread: std::thread::JoinHandle<QueueEnd>,
 }
 
@@ -121,6 +125,9 @@ impl WorkerHandle {
     pub fn stop(self) -> Option<QueueEnd> {
         self.stop.store(true, Ordering::Release);
         let _ = self.wake.write(1);
+        if let Some(kick) = &self.kick {
+            signal_eventfd(kick);
+        }
         let name = self.thread.thread().name().unwrap_or("queue worker").to_owned();
         match self.thread.join() {
             Ok(end) => Some(end),
@@ -221,6 +228,7 @@ pub fn spawn(
         size: setup.size,
     };
     let resubmit = worker.recover(ring_used);
+    let kick = worker.kick.try_clone().ok();
     let thread = std::thread::Builder::new()
         .name(name)
         .spawn(move || {
@@ -231,7 +239,7 @@ pub fn spawn(
             worker.run(resubmit)
         })
         .map_err(|e| StartError::Host("spawning a queue worker", e))?;
-    Ok(WorkerHandle { stop, wake, thread })
+    Ok(WorkerHandle { stop, wake, kick, thread })
 }
 
 /// One chain in flight.
