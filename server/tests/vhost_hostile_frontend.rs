@@ -593,3 +593,39 @@ fn a_new_memory_table_keeps_the_old_region_registered_until_its_requests_complet
     g.check_serial();
     drop(export);
 }
+
+/// Defect 4, REM_MEM_REG: removing a region a request in flight still uses keeps it
+/// registered (DMA-mapped) until that request completes.
+#[test]
+fn a_removed_region_stays_registered_until_its_requests_complete() {
+    let (_dir, probe, export, socket) = rig("memremove");
+    let mut g = Guest::connect(&socket, 4 * MIB);
+    g.start_ring(0);
+    // A second region, 1 MiB at guest address 16 MiB, holds the read's buffer.
+    let extra_gpa = 16 * MIB;
+    let extra = memfd(MIB);
+    let extra_region = VhostUserMemoryRegionInfo {
+        guest_phys_addr: extra_gpa,
+        memory_size: MIB,
+        userspace_addr: USER_BASE + extra_gpa,
+        mmap_offset: 0,
+        mmap_handle: extra.as_raw_fd(),
+    };
+    g.fe.add_mem_region(&extra_region).unwrap();
+    let extra_host = probe.registrations.lock().unwrap().last().expect("the new region was registered").0;
+    let (_, status_at) = g.submit(T_IN, HELD_SECTOR, &[(extra_gpa, 4096, true)]);
+    wait_until("the read to reach the device", || probe.held.load(Ordering::SeqCst) == 1);
+
+    g.fe.remove_mem_region(&extra_region).unwrap();
+    let unregistered_early = probe.registrations.lock().unwrap().contains(&(extra_host, false));
+    probe.release_held.store(true, Ordering::SeqCst);
+    assert!(!unregistered_early, "the removed region was unregistered while a request on it was in flight");
+    wait_until("the held read to complete", || g.used_idx() == 1);
+    assert_eq!(g.byte(status_at), S_OK);
+    wait_until("the removed region to be unregistered once idle", || {
+        probe.registrations.lock().unwrap().contains(&(extra_host, false))
+    });
+    g.check_serial();
+    drop(export);
+}
+
