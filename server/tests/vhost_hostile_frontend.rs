@@ -628,4 +628,3 @@ fn a_removed_region_stays_registered_until_its_requests_complete() {
     g.check_serial();
     drop(export);
 }
-
