@@ -38,4 +38,4 @@ pub mod validate;
 pub use device::{BlockDevice, DeviceInfo, IoQueue, MemoryRegion};
 pub use error::{DeviceError, IoError};
 pub use request::{Completion, IoOp, IoRequest, QueueFull, SECTOR_SIZE};
-pub use sg::{IoSegment, SgList};
+pub use sg::{IoSegment, SgList, SgTooLarge};

@@ -43,6 +43,16 @@ impl IoSegment {
     }
 }
 
+/// Segments that cannot form one request: an I/O is smaller than 4 GiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{segments} segments{} are too many for one I/O (the limit is 4 GiB in fewer than 2^32 segments); split the request", .bytes.map(|b| format!(" of {b} bytes")).unwrap_or_default())]
+pub struct SgTooLarge {
+    /// Segments offered.
+    pub segments: usize,
+    /// Bytes they add up to (when counted).
+    pub bytes: Option<u64>,
+}
+
 /// A window of `len` bytes over an array of [`IoSegment`]s, starting `skip` bytes into
 /// the first one. `Copy`: handing a list to a lower layer duplicates only the window.
 #[derive(Debug, Clone, Copy)]
@@ -69,27 +79,47 @@ impl SgList {
 
     /// A list covering every byte of `segments`.
     ///
+    /// # Panics
+    /// When the segments add up to 4 GiB or more. Only for arrays built from the caller's
+    /// own buffers; anything sized by outside input (a guest's descriptors) goes through
+    /// [`SgList::try_from_raw`].
+    ///
     /// # Safety
     /// The array itself (not only the memory it points to) must stay valid and unchanged
     /// until the request completes; each segment must satisfy [`IoSegment::new`].
     pub unsafe fn from_raw(segments: *const IoSegment, count: usize) -> Self {
+        // SAFETY: forwarded contract.
+        match unsafe { Self::try_from_raw(segments, count) } {
+            Ok(list) => list,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// A list covering every byte of `segments`, or an error when they cannot be one
+    /// request (4 GiB or more in total, or 2^32 segments or more).
+    ///
+    /// # Safety
+    /// As [`SgList::from_raw`].
+    pub unsafe fn try_from_raw(segments: *const IoSegment, count: usize) -> Result<Self, SgTooLarge> {
         if count == 0 {
-            return Self::empty();
+            return Ok(Self::empty());
         }
-        let count = u32::try_from(count).expect("fewer than 2^32 segments");
+        let too_large = |bytes| SgTooLarge { segments: count, bytes };
+        let count32 = u32::try_from(count).map_err(|_| too_large(None))?;
         let mut len: u64 = 0;
-        for i in 0..count as usize {
+        for i in 0..count {
             // SAFETY: the caller promised `count` valid segments at `segments`.
-            len += unsafe { (*segments.add(i)).len } as u64;
+            len = len.saturating_add(unsafe { (*segments.add(i)).len } as u64);
         }
-        SgList {
+        let len = u32::try_from(len).map_err(|_| too_large(Some(len)))?;
+        Ok(SgList {
             // SAFETY: count > 0 so the caller handed a real (non-null) array.
             first: unsafe { NonNull::new_unchecked(segments as *mut IoSegment) },
-            count,
+            count: count32,
             skip: 0,
-            len: u32::try_from(len).expect("an I/O is smaller than 4 GiB"),
+            len,
             _segments: PhantomData,
-        }
+        })
     }
 
     /// A list over one segment stored in the caller's memory.
@@ -277,6 +307,20 @@ impl Iterator for SgChunks<'_> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn four_gib_or_more_is_an_error_not_a_panic() {
+        let mut byte = 0u8;
+        // SAFETY: the list is only measured, never read or written.
+        let big = unsafe { IoSegment::new(&mut byte, 3 << 30) };
+        let segs = [big, big];
+        // SAFETY: as above.
+        let err = unsafe { SgList::try_from_raw(segs.as_ptr(), 2) }.unwrap_err();
+        assert_eq!(err, SgTooLarge { segments: 2, bytes: Some(6 << 30) });
+        assert!(err.to_string().contains("4 GiB"), "{err}");
+        // SAFETY: as above.
+        assert_eq!(unsafe { SgList::try_from_raw(segs.as_ptr(), 1) }.unwrap().len(), 3 << 30);
+    }
 
     proptest! {
         /// Any window of any segment layout reads the same bytes as the flat buffer.

@@ -5,7 +5,10 @@
 //! (the in-flight ones the previous process left behind, by head index from the inflight
 //! region). The walker reads `struct virtq_desc` entries (virtio-queue's `Descriptor`)
 //! with one copy each and the spec's guards: a bounded number of steps, indirect tables
-//! only at the top level.
+//! only at the top level. A chain that breaks a guard (a loop or a chain longer than its
+//! table, a `next` past the table, a descriptor outside guest memory, a bad or nested
+//! indirect table) ends the walk and is reported by [`ChainWalk::broken`]: that request
+//! fails, instead of running with the descriptors seen so far.
 
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress};
@@ -20,12 +23,31 @@ pub struct ChainWalk<'a> {
     next: Option<u16>,
     ttl: u32,
     indirect: bool,
+    broken: Option<&'static str>,
 }
 
 impl<'a> ChainWalk<'a> {
     /// Starts at `head` of a descriptor table of `queue_size` entries.
     pub fn new(mem: &'a GuestMem, table: u64, queue_size: u16, head: u16) -> Self {
-        ChainWalk { mem, table, table_len: queue_size, next: Some(head), ttl: u32::from(queue_size), indirect: false }
+        ChainWalk {
+            mem,
+            table,
+            table_len: queue_size,
+            next: Some(head),
+            ttl: u32::from(queue_size),
+            indirect: false,
+            broken: None,
+        }
+    }
+
+    /// Why the walk stopped before the chain's end, if it did.
+    pub fn broken(&self) -> Option<&'static str> {
+        self.broken
+    }
+
+    fn fail(&mut self, why: &'static str) -> Option<Desc> {
+        self.broken = Some(why);
+        None
     }
 }
 
@@ -35,15 +57,23 @@ impl Iterator for ChainWalk<'_> {
     fn next(&mut self) -> Option<Desc> {
         loop {
             let idx = self.next.take()?;
-            if idx >= self.table_len || self.ttl == 0 {
-                return None;
+            if idx >= self.table_len {
+                return self.fail("a descriptor index is past the end of its table");
+            }
+            if self.ttl == 0 {
+                return self.fail("the chain is longer than its table (a loop)");
             }
             self.ttl -= 1;
-            let addr = self.table.checked_add(u64::from(idx) * 16)?;
-            let d = read_descriptor(self.mem, addr)?;
+            let Some(d) = self.table.checked_add(u64::from(idx) * 16).and_then(|at| read_descriptor(self.mem, at))
+            else {
+                return self.fail("a descriptor lies outside guest memory");
+            };
             if d.refers_to_indirect_table() {
-                if self.indirect || !d.len().is_multiple_of(16) || d.len() / 16 > u32::from(u16::MAX) {
-                    return None;
+                if self.indirect {
+                    return self.fail("an indirect table inside an indirect table");
+                }
+                if d.len() == 0 || !d.len().is_multiple_of(16) || d.len() / 16 > u32::from(u16::MAX) {
+                    return self.fail("an indirect table's length is not 1 to 65535 descriptors");
                 }
                 self.indirect = true;
                 self.table = d.addr().0;
@@ -96,8 +126,24 @@ mod tests {
         put(0x800, Descriptor::new(0x3000, 16, next, 1));
         put(0x810, Descriptor::new(0x4000, 1, write, 0));
         assert_eq!(ChainWalk::new(&mem, 0, 8, 1).count(), 2);
-        // A loop ends after queue-size steps.
+        assert_eq!(ChainWalk::new(&mem, 1, 8, 1).broken(), None);
+        // A loop ends after queue-size steps, and the walk says the chain is broken.
         put(5 * 16, Descriptor::new(0x1000, 16, next, 5));
-        assert_eq!(ChainWalk::new(&mem, 0, 8, 5).count(), 8);
+        let mut walk = ChainWalk::new(&mem, 0, 8, 5);
+        assert_eq!(walk.by_ref().count(), 8);
+        assert!(walk.broken().is_some_and(|why| why.contains("loop")));
+        // A `next` past the table, a nested indirect table, a table outside memory.
+        put(6 * 16, Descriptor::new(0x1000, 16, next, 99));
+        let mut walk = ChainWalk::new(&mem, 0, 8, 6);
+        assert_eq!(walk.by_ref().count(), 1);
+        assert!(walk.broken().is_some());
+        put(0x820, Descriptor::new(0x800, 16, ind, 0));
+        put(7 * 16, Descriptor::new(0x820, 16, ind, 0));
+        let mut walk = ChainWalk::new(&mem, 0, 8, 7);
+        assert_eq!(walk.by_ref().count(), 0);
+        assert!(walk.broken().is_some_and(|why| why.contains("inside an indirect")));
+        let mut walk = ChainWalk::new(&mem, 1 << 20, 8, 0);
+        assert_eq!(walk.by_ref().count(), 0);
+        assert!(walk.broken().is_some());
     }
 }

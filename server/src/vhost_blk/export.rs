@@ -354,7 +354,15 @@ fn accept_loop(
                 if stop.load(Ordering::Acquire) {
                     break;
                 }
-                serve_connection(stream, &core);
+                // Last line of defence: a fault in one connection ends that connection,
+                // never the listener (reconnects must keep working).
+                let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve_connection(stream, &core)));
+                if let Err(panic) = served {
+                    let reason = super::worker::panic_message(&*panic);
+                    tracing::error!(export = %core.name, "front-end connection faulted: {reason}; connection closed");
+                }
+                core.connected.store(false, Ordering::Relaxed);
+                *core.backend_channel.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 *current.lock().unwrap_or_else(|e| e.into_inner()) = None;
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -380,7 +388,17 @@ fn serve_connection(stream: UnixStream, core: &Arc<ExportCore>) {
             return;
         }
     };
-    let handler = Arc::new(Mutex::new(BlkHandler::new(Arc::clone(core))));
+    let on_fault: super::worker::FaultHook = match stream.try_clone() {
+        Ok(conn) => Arc::new(move |_: &str| {
+            // Ends the message loop below, which stops every ring and drops the memory.
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }),
+        Err(e) => {
+            tracing::warn!(export = %core.name, "cannot clone the connection: {e}");
+            return;
+        }
+    };
+    let handler = Arc::new(Mutex::new(BlkHandler::with_fault_hook(Arc::clone(core), on_fault)));
     let mut req = BackendReqHandler::from_stream(stream, Arc::clone(&handler));
     let reason = loop {
         match peek_backend_channel(&peek) {

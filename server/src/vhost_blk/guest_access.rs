@@ -27,12 +27,21 @@ struct HostRange {
 }
 
 /// The guest's memory: the regions a front end shared, mapped into udm.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct GuestMem {
     /// Owns the mappings the host pointers below point into.
     backend: Option<GuestMemoryMmap<()>>,
     /// Sorted by guest address, non-overlapping.
     ranges: Vec<HostRange>,
+    /// Kept alive as long as this table: the regions' registrations with the device, so a
+    /// region is unregistered (DMA unmapped) only once no worker can still use it.
+    pins: Vec<Arc<dyn Send + Sync>>,
+}
+
+impl std::fmt::Debug for GuestMem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestMem").field("ranges", &self.ranges).field("pins", &self.pins.len()).finish()
+    }
 }
 
 // SAFETY: the host pointers point into mappings owned by `backend`, which lives exactly
@@ -44,12 +53,20 @@ unsafe impl Sync for GuestMem {}
 
 impl GuestMem {
     /// Builds the view over `regions` (any order; they must not overlap).
-    pub fn from_arc_regions(mut regions: Vec<Arc<GuestRegionMmap<()>>>) -> Result<Self, String> {
+    pub fn from_arc_regions(regions: Vec<Arc<GuestRegionMmap<()>>>) -> Result<Self, String> {
+        Self::from_arc_regions_pinning(regions, Vec::new())
+    }
+
+    /// As [`GuestMem::from_arc_regions`], keeping `pins` alive as long as the table.
+    pub fn from_arc_regions_pinning(
+        mut regions: Vec<Arc<GuestRegionMmap<()>>>,
+        pins: Vec<Arc<dyn Send + Sync>>,
+    ) -> Result<Self, String> {
         regions.sort_by_key(|r| r.start_addr());
         let ranges =
             regions.iter().map(|r| HostRange { guest: r.start_addr().0, len: r.len(), host: r.as_ptr() }).collect();
         let backend = GuestMemoryMmap::from_arc_regions(regions).map_err(|e| e.to_string())?;
-        Ok(GuestMem { backend: Some(backend), ranges })
+        Ok(GuestMem { backend: Some(backend), ranges, pins })
     }
 
     /// Anonymous memory at the given guest ranges (tests and fuzzing).
@@ -57,7 +74,7 @@ impl GuestMem {
         let backend = GuestMemoryMmap::<()>::from_ranges(ranges).map_err(|e| e.to_string())?;
         let ranges =
             backend.iter().map(|r| HostRange { guest: r.start_addr().0, len: r.len(), host: r.as_ptr() }).collect();
-        Ok(GuestMem { backend: Some(backend), ranges })
+        Ok(GuestMem { backend: Some(backend), ranges, pins: Vec::new() })
     }
 
     /// The region holding guest address `addr`.

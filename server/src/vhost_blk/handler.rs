@@ -21,14 +21,11 @@ use vhost::VhostUserMemoryRegionBase;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 use super::config_space::{config_space, read_window};
-use super::export::ExportCore;
+use super::export::{ExportConfig, ExportCore, ExportError};
 use super::features::{has, protocol_features, virtio_features};
-use super::guest_memory::MemoryTable;
-use super::inflight::{InflightQueue, InflightRegion};
-use super::worker::{spawn, QueueSetup, WorkerHandle};
-
-/// Most memory regions a front end may add (libblkio adds one per mapped buffer area).
-const MAX_MEM_SLOTS: u64 = 256;
+use super::guest_memory::{MemoryTable, MAX_MEM_SLOTS};
+use super::inflight::{InflightQueue, InflightRegion, MAX_QUEUE_SIZE};
+use super::worker::{spawn, FaultHook, QueueSetup, WorkerHandle};
 
 /// One virtqueue's configuration as the front end builds it up.
 struct Vring {
@@ -67,6 +64,7 @@ pub struct BlkHandler {
     memory: MemoryTable,
     vrings: Vec<Vring>,
     inflight: Option<InflightRegion>,
+    on_fault: FaultHook,
 }
 
 fn invalid(msg: &'static str) -> VuError {
@@ -81,6 +79,12 @@ fn internal(e: impl std::fmt::Display) -> VuError {
 impl BlkHandler {
     /// A fresh handler for a new connection to the export.
     pub fn new(core: Arc<ExportCore>) -> Self {
+        Self::with_fault_hook(core, Arc::new(|_: &str| {}))
+    }
+
+    /// A handler whose queue workers call `on_fault` when they contain a fault (the
+    /// export passes one that ends this connection).
+    pub fn with_fault_hook(core: Arc<ExportCore>, on_fault: FaultHook) -> Self {
         let vrings = (0..core.num_queues).map(|_| Vring::new(core.queue_size)).collect();
         BlkHandler {
             memory: MemoryTable::new(Arc::clone(&core.device)),
@@ -90,7 +94,23 @@ impl BlkHandler {
             acked_protocol: 0,
             vrings,
             inflight: None,
+            on_fault,
         }
+    }
+
+    /// A handler for an export of `device` as `config` says, with no socket: for driving
+    /// the protocol in-process (the vhost-user fuzz target and its proptest).
+    pub fn standalone(
+        config: &ExportConfig,
+        device: Arc<dyn udm_drivers::BlockDevice>,
+        on_fault: FaultHook,
+    ) -> Result<Self, ExportError> {
+        Ok(Self::with_fault_hook(ExportCore::new(config, device)?, on_fault))
+    }
+
+    /// Whether ring `index` has a worker running.
+    pub fn is_running(&self, index: usize) -> bool {
+        self.vrings.get(index).is_some_and(|vr| vr.worker.is_some())
     }
 
     fn vring(&mut self, index: u32) -> VuResult<&mut Vring> {
@@ -131,6 +151,7 @@ impl BlkHandler {
             kick,
             call: Arc::clone(&vr.call),
             inflight: vr.inflight.take(),
+            on_fault: Arc::clone(&self.on_fault),
         };
         let cpu = (!core.cpus.is_empty()).then(|| core.cpus[index % core.cpus.len()]);
         let name = format!("udm-{}-q{index}", core.name);
@@ -147,10 +168,18 @@ impl BlkHandler {
     fn stop(&mut self, index: usize) {
         let vr = &mut self.vrings[index];
         if let Some(w) = vr.worker.take() {
-            let end = w.stop();
-            vr.next_avail = end.next_avail;
-            vr.kick = Some(end.kick);
-            vr.inflight = end.inflight;
+            match w.stop() {
+                Some(end) => {
+                    vr.next_avail = end.next_avail;
+                    vr.kick = Some(end.kick);
+                    vr.inflight = end.inflight;
+                }
+                None => {
+                    // The worker died (logged): the ring needs a new kick before it runs again.
+                    vr.kick = None;
+                    vr.inflight = None;
+                }
+            }
         }
     }
 
@@ -236,6 +265,11 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
         let max = self.core.queue_size;
         let vr = self.vring(index)?;
         if num == 0 || num > u32::from(max) || !num.is_power_of_two() {
+            tracing::warn!(
+                export = %self.core.name,
+                queue = index,
+                "SET_VRING_NUM {num} refused: ring sizes are powers of two up to the export's queue_size {max}"
+            );
             return Err(VuError::InvalidParam);
         }
         vr.size = num as u16;
@@ -276,13 +310,24 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         let i = usize::from(index);
         self.vring(u32::from(index))?;
+        if let Some(f) = &fd {
+            // The worker reads it only when epoll says it is readable, but the front end
+            // shares it and may read it first: a blocking read would then wait forever.
+            set_nonblocking(f).map_err(|e| internal(format!("making the kick eventfd non-blocking: {e}")))?;
+        }
         self.stop(i);
         self.vrings[i].kick = fd;
         self.try_start(i)
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
-        self.vring(u32::from(index))?.call.store(fd.map(Arc::new));
+        let vr = self.vring(u32::from(index))?;
+        if let Some(f) = &fd {
+            // A blocking eventfd whose counter is saturated would block the worker's
+            // write forever (the worker also polls before writing, see signal_eventfd).
+            set_nonblocking(f).map_err(|e| internal(format!("making the call eventfd non-blocking: {e}")))?;
+        }
+        vr.call.store(fd.map(Arc::new));
         Ok(())
     }
 
@@ -322,6 +367,11 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
     }
 
     fn get_config(&mut self, offset: u32, size: u32, _flags: VhostUserConfigFlags) -> VuResult<Vec<u8>> {
+        // The vhost crate bounds it by the message size; the reply is allocated here, so
+        // bound it here too.
+        if size > vhost::vhost_user::message::VHOST_USER_CONFIG_SIZE {
+            return Err(invalid("GET_CONFIG asks for more than the 4 KiB a config space may have"));
+        }
         let info = self.core.current_info();
         let limits = **self.core.shared.limits.load();
         Ok(read_window(&config_space(&info, &limits, self.core.num_queues), offset, size))
@@ -342,7 +392,18 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
     }
 
     fn get_inflight_fd(&mut self, inflight: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
-        if inflight.num_queues == 0 || inflight.num_queues > self.core.num_queues || inflight.queue_size == 0 {
+        if inflight.num_queues == 0
+            || inflight.num_queues > self.core.num_queues
+            || inflight.queue_size == 0
+            || usize::from(inflight.queue_size) > MAX_QUEUE_SIZE
+        {
+            tracing::warn!(
+                export = %self.core.name,
+                "GET_INFLIGHT_FD for {} queues of {} refused: the export has {} queues, rings hold 1..={MAX_QUEUE_SIZE}",
+                inflight.num_queues,
+                inflight.queue_size,
+                self.core.num_queues
+            );
             return Err(VuError::InvalidParam);
         }
         let region = InflightRegion::create(inflight.num_queues, inflight.queue_size).map_err(internal)?;
@@ -374,7 +435,7 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
     }
 
     fn get_max_mem_slots(&mut self) -> VuResult<u64> {
-        Ok(MAX_MEM_SLOTS)
+        Ok(MAX_MEM_SLOTS as u64)
     }
 
     fn add_mem_region(
@@ -386,7 +447,7 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
         if postcopy_listening.is_some() {
             return Err(invalid("postcopy is not supported"));
         }
-        if self.memory.len() as u64 >= MAX_MEM_SLOTS {
+        if self.memory.len() >= MAX_MEM_SLOTS {
             return Err(invalid("no free memory slot"));
         }
         self.memory.add(region, fd).map_err(internal)?;
@@ -420,6 +481,21 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
     fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
         Err(invalid("dirty logging is not supported"))
     }
+}
+
+/// Sets O_NONBLOCK on a file the front end handed over.
+fn set_nonblocking(file: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl on a descriptor the File owns; no pointers involved.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl BlkHandler {

@@ -27,6 +27,8 @@ use std::sync::Arc;
 const HEADER_LEN: usize = 16;
 const DESC_LEN: usize = 16;
 const ALIGN: usize = 64;
+/// Largest ring a split virtqueue may have (virtio 1.2, 2.7).
+pub const MAX_QUEUE_SIZE: usize = 32768;
 /// Version written into an initialised queue region.
 const VERSION: u16 = 1;
 
@@ -89,6 +91,16 @@ impl InflightRegion {
                 format!("inflight region of {mmap_size} bytes is too small for {num_queues} queues of {queue_size}"),
             ));
         }
+        if usize::from(queue_size) > MAX_QUEUE_SIZE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("inflight region for queues of {queue_size}: the virtio limit is {MAX_QUEUE_SIZE}"),
+            ));
+        }
+        // The file comes from the front end: mapping past its end would raise SIGBUS at
+        // the first access and kill the daemon.
+        crate::vhost_blk::guest_memory::check_file_covers(&file, mmap_offset, mmap_size)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("inflight region: {e}")))?;
         let len = usize::try_from(mmap_size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         let offset = libc::off_t::try_from(mmap_offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: a shared mapping of a file we own, no address hint; checked for failure.
@@ -287,5 +299,18 @@ mod tests {
         assert_eq!(again.queue(0).unwrap().recover(0, 8).resubmit, Vec::<u16>::new());
         assert!(again.queue(2).is_none());
         assert!(InflightRegion::map(again.file().try_clone().unwrap(), 64, 0, 2, 8).is_err());
+    }
+
+    /// Issue 10, defect 2: a file shorter than the mmap_size the front end declares is
+    /// refused before it is mapped (touching the missing part would raise SIGBUS).
+    #[test]
+    fn a_file_shorter_than_the_declared_size_is_refused() {
+        let region = InflightRegion::create(1, 8).unwrap();
+        let file = region.file().try_clone().unwrap();
+        let len = region.len() as u64;
+        let err = InflightRegion::map(file.try_clone().unwrap(), len * 4, 0, 1, 8).err().expect("refused");
+        assert!(err.to_string().contains("shorter than"), "{err}");
+        assert!(InflightRegion::map(file.try_clone().unwrap(), len, 4096, 1, 8).is_err(), "offset past the end");
+        assert!(InflightRegion::map(file, len, 0, 1, 8).is_ok());
     }
 }

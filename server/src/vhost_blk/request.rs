@@ -160,6 +160,9 @@ pub enum Reason {
     /// Discard with the unmap flag, or unknown flags (the spec requires UNSUPP).
     #[error("unsupported discard/write-zeroes flags {0:#x}")]
     BadFlags(u32),
+    /// The descriptor chain itself is malformed (see `chain::ChainWalk::broken`).
+    #[error("malformed descriptor chain: {0}")]
+    BrokenChain(&'static str),
     /// A data direction that the operation does not use.
     #[error("{0:?} request carries data in the wrong direction")]
     WrongDirection(BlkOp),
@@ -338,8 +341,11 @@ pub fn parse_chain(
             if in_data.len == 0 {
                 return Err(reject(Reason::WrongDirection(BlkOp::GetId)));
             }
-            translate(mem, &in_data, segs, limits.seg_max as usize).map_err(reject)?;
-            BlkRequest { op: BlkOp::GetId, sector: 0, sectors: 0, status, in_data_len: in_len as u32 }
+            // The id is 20 bytes: only they are mapped and written, whatever the guest
+            // offers (a buffer of gigabytes is legal, and must not become a huge I/O).
+            let id_len = in_data.len.min(ID_BYTES as u64);
+            translate(mem, &Stream { len: id_len, ..in_data }, segs, limits.seg_max as usize).map_err(reject)?;
+            BlkRequest { op: BlkOp::GetId, sector: 0, sectors: 0, status, in_data_len: id_len as u32 }
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
             let op = if kind == VIRTIO_BLK_T_DISCARD { BlkOp::Discard } else { BlkOp::WriteZeroes };
@@ -536,6 +542,22 @@ mod tests {
         assert_eq!(r.unwrap_err().reason.status(), STATUS_UNSUPP);
         let (r, _) = parse(&m, &[header(&m, 0x100, VIRTIO_BLK_T_WRITE_ZEROES, 0), rd, STATUS], false);
         assert_eq!(r.unwrap().op, BlkOp::WriteZeroes);
+    }
+
+    /// Issue 10, defect 1: a GET_ID whose writable buffers add up to more than 4 GiB
+    /// maps only the 20 bytes of the id.
+    #[test]
+    fn get_id_maps_at_most_the_twenty_bytes_of_the_id() {
+        let m = mem();
+        let huge = Desc { addr: 0x1000, len: u32::MAX, writable: true };
+        let (r, n) = parse(&m, &[header(&m, 0x100, VIRTIO_BLK_T_GET_ID, 0), huge, huge, STATUS], false);
+        // The buffers reach past guest memory, but only the id's 20 bytes are looked at.
+        let r = r.unwrap();
+        assert_eq!((r.op, r.in_data_len, n), (BlkOp::GetId, ID_BYTES as u32, 1));
+        assert_eq!(r.used_len(STATUS_OK), ID_BYTES as u32 + 1);
+        let short = Desc { addr: 0x1000, len: 8, writable: true };
+        let (r, _) = parse(&m, &[header(&m, 0x100, VIRTIO_BLK_T_GET_ID, 0), short, STATUS], false);
+        assert_eq!(r.unwrap().in_data_len, 8);
     }
 
     #[test]

@@ -75,7 +75,13 @@ pub struct QueueSetup {
     pub call: Arc<ArcSwapOption<File>>,
     /// This queue's inflight window, when the front end set one up.
     pub inflight: Option<InflightQueue>,
+    /// Called (from the worker thread) when the worker caught a fault: ends the connection.
+    pub on_fault: FaultHook,
 }
+
+/// What a worker calls with the reason when it contained a fault (a panic): the owner
+/// ends that front end's connection, and only it.
+pub type FaultHook = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// What the export shares with all its workers.
 pub struct Shared {
@@ -105,18 +111,42 @@ pub struct QueueEnd {
 pub struct WorkerHandle {
     stop: Arc<AtomicBool>,
     wake: Arc<EventFd>,
+    /// The ring's kick, shared with the front end: signalled on stop too, in case the
+    /// worker is in a read of it (the front end can make the kick blocking and drain it
+    /// between the worker's epoll and its read).
+    kick: Option<File>,
     thread: std::thread::JoinHandle<QueueEnd>,
 }
 
 impl WorkerHandle {
-    /// Stops the worker after it has completed every request it took; returns its state.
-    pub fn stop(self) -> QueueEnd {
+    /// Stops the worker after it has completed every request it took; returns its state,
+    /// or `None` when the thread died (a fault the worker could not contain: logged here,
+    /// never passed on to the caller, which is the connection's message loop).
+    pub fn stop(self) -> Option<QueueEnd> {
         self.stop.store(true, Ordering::Release);
         let _ = self.wake.write(1);
-        match self.thread.join() {
-            Ok(end) => end,
-            Err(panic) => std::panic::resume_unwind(panic),
+        if let Some(kick) = &self.kick {
+            signal_eventfd(kick);
         }
+        let name = self.thread.thread().name().unwrap_or("queue worker").to_owned();
+        match self.thread.join() {
+            Ok(end) => Some(end),
+            Err(panic) => {
+                tracing::error!(worker = %name, "queue worker died: {}; its ring stays stopped", panic_message(&*panic));
+                None
+            }
+        }
+    }
+}
+
+/// The text of a panic payload.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_owned()
     }
 }
 
@@ -173,6 +203,8 @@ pub fn spawn(
         kick: setup.kick,
         call: setup.call,
         inflight: setup.inflight,
+        on_fault: setup.on_fault,
+        current: None,
         ioq,
         slots: (0..size).map(|_| Slot::new()).collect(),
         free: (0..size as u16).rev().collect(),
@@ -196,6 +228,7 @@ pub fn spawn(
         size: setup.size,
     };
     let resubmit = worker.recover(ring_used);
+    let kick = worker.kick.try_clone().ok();
     let thread = std::thread::Builder::new()
         .name(name)
         .spawn(move || {
@@ -206,7 +239,7 @@ pub fn spawn(
             worker.run(resubmit)
         })
         .map_err(|e| StartError::Host("spawning a queue worker", e))?;
-    Ok(WorkerHandle { stop, wake, thread })
+    Ok(WorkerHandle { stop, wake, kick, thread })
 }
 
 /// One chain in flight.
@@ -240,6 +273,9 @@ struct Worker {
     kick: File,
     call: Arc<ArcSwapOption<File>>,
     inflight: Option<InflightQueue>,
+    on_fault: FaultHook,
+    /// The chain being parsed or submitted (slot, head): the one a fault is blamed on.
+    current: Option<(u16, u16)>,
     ioq: Box<dyn IoQueue>,
     slots: Vec<Slot>,
     free: Vec<u16>,
@@ -279,13 +315,59 @@ impl Worker {
         r.resubmit
     }
 
+    /// Runs the queue until stopped. A panic (a bug; no guest input should cause one) is
+    /// contained here: the request being handled completes with IOERR and leaves the
+    /// inflight region (so it is not replayed as a poison pill after a reconnect), the
+    /// requests already at the device are drained, and the connection is ended.
     fn run(mut self, resubmit: Vec<u16>) -> QueueEnd {
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.serve(resubmit)));
+        if let Err(panic) = caught {
+            let reason = panic_message(&*panic);
+            self.contain_fault(&reason);
+            self.stop.store(true, Ordering::Release);
+            let drained = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.serve(Vec::new())));
+            if let Err(again) = drained {
+                tracing::error!(
+                    queue = self.index,
+                    in_flight = self.in_flight,
+                    "queue worker faulted again while draining: {}; giving up on its requests",
+                    panic_message(&*again)
+                );
+            }
+        }
+        self.publish_latency(true);
+        QueueEnd { next_avail: self.queue.next_avail(), kick: self.kick, inflight: self.inflight }
+    }
+
+    fn contain_fault(&mut self, reason: &str) {
+        let current = self.current.take();
+        tracing::error!(
+            queue = self.index,
+            head = current.map(|(_, head)| head),
+            "queue worker fault: {reason}; failing that request and ending the connection"
+        );
+        if let Some((slot_idx, head)) = current {
+            let slot = &mut self.slots[usize::from(slot_idx)];
+            slot.head = head;
+            if !self.free.contains(&slot_idx) {
+                self.finish(slot_idx, STATUS_IOERR);
+                self.notify();
+            }
+        }
+        (self.on_fault)(reason);
+    }
+
+    fn serve(&mut self, resubmit: Vec<u16>) {
         let epoll = self.make_epoll();
-        let mem = Arc::clone(&self.mem);
-        for head in resubmit {
-            if let Some(slot) = self.free.pop() {
-                let walk = ChainWalk::new(&mem, self.desc_table, self.size, head);
-                self.start(&mem, slot, head, walk);
+        {
+            // Scoped: a table held here for the whole run would keep its regions mapped
+            // and registered after the front end replaced them.
+            let mem = Arc::clone(&self.mem);
+            for head in resubmit {
+                if let Some(slot) = self.free.pop() {
+                    let walk = ChainWalk::new(&mem, self.desc_table, self.size, head);
+                    self.start(&mem, slot, head, walk);
+                }
             }
         }
         if self.shared.mode == PollMode::Busy || epoll.is_some() {
@@ -327,7 +409,7 @@ impl Worker {
                 continue;
             }
             if stopping {
-                break;
+                return;
             }
             self.publish_latency(false);
             self.retired.clear();
@@ -368,8 +450,6 @@ impl Worker {
                 _ => std::hint::spin_loop(),
             }
         }
-        self.publish_latency(true);
-        QueueEnd { next_avail: self.queue.next_avail(), kick: self.kick, inflight: self.inflight }
     }
 
     fn make_epoll(&self) -> Option<Epoll> {
@@ -457,14 +537,30 @@ impl Worker {
     }
 
     /// Parses one chain and submits it (or answers it at once).
-    fn start(&mut self, mem: &GuestMem, slot_idx: u16, head: u16, descs: impl Iterator<Item = Desc>) {
+    fn start(&mut self, mem: &GuestMem, slot_idx: u16, head: u16, walk: ChainWalk<'_>) {
+        self.current = Some((slot_idx, head));
+        self.start_current(mem, slot_idx, head, walk);
+        self.current = None;
+    }
+
+    fn start_current(&mut self, mem: &GuestMem, slot_idx: u16, head: u16, mut walk: ChainWalk<'_>) {
         let limits = self.shared.limits.load();
         let slot = &mut self.slots[usize::from(slot_idx)];
         slot.head = head;
         slot.req = None;
-        let req = match parse_chain(mem, descs, &limits, &mut slot.segs, &mut self.descs) {
+        let parsed = parse_chain(mem, walk.by_ref(), &limits, &mut slot.segs, &mut self.descs);
+        // A broken chain fails whatever its first descriptors looked like; its status
+        // byte is unknown (the chain has no trustworthy end), so none is written.
+        let parsed = match walk.broken() {
+            Some(why) => Err(Rejection { status_addr: None, reason: Reason::BrokenChain(why) }),
+            None => parsed,
+        };
+        let req = match parsed {
             Ok(r) => r,
-            Err(rej) if matches!(rej.reason, Reason::OutsideMemory { .. }) && self.memory_moved_on(mem) => {
+            Err(rej)
+                if matches!(rej.reason, Reason::OutsideMemory { .. } | Reason::BrokenChain(_))
+                    && self.memory_moved_on(mem) =>
+            {
                 // The front end added a region (acknowledged) after this pass loaded the
                 // memory table and before it popped this chain: walk it again in the
                 // current table rather than fail a valid request.
@@ -486,7 +582,15 @@ impl Worker {
         // SAFETY: the segments live in the slot, which is not reused (nor its vector
         // grown) until this request completes; they point into guest memory that `self.mem`
         // keeps mapped until then.
-        let sg = unsafe { SgList::from_raw(slot.segs.as_ptr(), slot.segs.len()) };
+        let sg = match unsafe { SgList::try_from_raw(slot.segs.as_ptr(), slot.segs.len()) } {
+            Ok(sg) => sg,
+            Err(e) => {
+                // parse_chain caps every request below this; refuse rather than trust that.
+                self.log_error(format_args!("refused the request at head {head}: {e}"));
+                self.finish(slot_idx, STATUS_IOERR);
+                return;
+            }
+        };
         let io = match req.op {
             BlkOp::Read => IoRequest::read(req.sector, sg, tag),
             BlkOp::Write => IoRequest::write(req.sector, sg, tag),
@@ -622,7 +726,7 @@ impl Worker {
             return;
         }
         if let Some(call) = self.call.load().as_ref() {
-            let _ = (&**call).write(&1u64.to_ne_bytes());
+            signal_eventfd(call);
         }
     }
 
@@ -660,5 +764,19 @@ impl Worker {
         if let Some(dropped) = self.log.allow() {
             tracing::warn!(queue = self.index, suppressed = dropped, "{msg}");
         }
+    }
+}
+
+/// Adds 1 to the front end's eventfd without ever blocking. The handler made the file
+/// non-blocking when it got it; a front end can undo that (the flag belongs to the open
+/// file, which it shares), so a counter that cannot take another 1 is also checked for
+/// first. Either way a saturated counter means the front end has a signal pending: it
+/// loses nothing when this one is dropped.
+fn signal_eventfd(file: &File) {
+    let mut pfd = libc::pollfd { fd: file.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+    // SAFETY: one valid pollfd, zero timeout.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+    if ready == 1 && pfd.revents & libc::POLLOUT != 0 {
+        let _ = (&*file).write(&1u64.to_ne_bytes());
     }
 }
