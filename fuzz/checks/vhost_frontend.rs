@@ -194,6 +194,8 @@ pub fn check_frontend_with(data: &[u8], patience: Duration) -> Summary {
         idle_poll_us: 0,
         cpus: vec![],
         serial: None,
+        socket_mode: None,
+        socket_group: None,
     };
     let hook = {
         let faults = Arc::clone(&faults);

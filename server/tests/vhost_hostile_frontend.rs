@@ -170,6 +170,8 @@ fn start_export(dir: &Path, name: &str, probe: &Arc<Probe>) -> Export {
         idle_poll_us: 0,
         cpus: vec![],
         serial: Some("hostile-serial".into()),
+        socket_mode: None,
+        socket_group: None,
     };
     Export::start(cfg, Arc::new(ProbeDevice(Arc::clone(probe)))).expect("export starts")
 }
