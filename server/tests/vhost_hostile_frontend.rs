@@ -5,42 +5,25 @@
 //! survives, that the export keeps listening and reports its true state, and that a
 //! fresh connection is served again.
 
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+mod hostile_guest;
+
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use udm_drivers::{
     BlockDevice, Completion, DeviceError, DeviceInfo, IoOp, IoQueue, IoRequest, MemoryRegion, QueueFull,
 };
 use udm_server::vhost_blk::{Export, ExportConfig, PollMode};
-use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures};
-use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserVirtioFeatures};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::vhost_user::message::VhostUserInflight;
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use vmm_sys_util::eventfd::EventFd;
 
-const QUEUE: u16 = 8;
-/// Guest layout: descriptor table, available ring, used ring, request headers, statuses,
-/// data.
-const DESC: u64 = 0x0;
-const AVAIL: u64 = 0x1000;
-const USED: u64 = 0x2000;
-const HEADERS: u64 = 0x3000;
-const STATUSES: u64 = 0x4000;
-const DATA: u64 = 0x10000;
-/// Where the front end pretends to have guest memory mapped (vring addresses use it).
-const USER_BASE: u64 = 0x7000_0000_0000;
-const MIB: u64 = 1 << 20;
-
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
-const T_IN: u32 = 0;
-const T_GET_ID: u32 = 8;
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
+use hostile_guest::*;
 
 /// A sector whose reads make the device queue panic (a stand-in for any bug below udm's
 /// worker that a request can trigger).
@@ -134,16 +117,6 @@ impl IoQueue for ProbeQueue {
     }
 }
 
-fn memfd(len: u64) -> File {
-    // SAFETY: plain memfd_create with a static name.
-    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: a descriptor just created, owned by the File alone.
-    let f = unsafe { File::from_raw_fd(fd) };
-    f.set_len(len).unwrap();
-    f
-}
-
 /// A probe device exported as `name` in a fresh directory: (directory, probe, export,
 /// socket path).
 fn rig(name: &str) -> (tempfile::TempDir, Arc<Probe>, Export, PathBuf) {
@@ -176,166 +149,15 @@ fn start_export(dir: &Path, name: &str, probe: &Arc<Probe>) -> Export {
     Export::start(cfg, Arc::new(ProbeDevice(Arc::clone(probe)))).expect("export starts")
 }
 
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    // A guard against hanging forever, not a speed requirement.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !cond() {
-        assert!(Instant::now() < deadline, "gave up waiting: {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// A guest of one virtqueue: its memory, rings and the vhost-user connection.
-struct Guest {
-    fe: Frontend,
-    mem: File,
-    mem_len: u64,
-    kick: EventFd,
-    call: EventFd,
-    avail_idx: u16,
-    next_desc: u16,
-}
-
-impl Guest {
-    /// Connects and negotiates; memory and ring come with [`Guest::start_ring`].
-    fn connect(socket: &Path, mem_len: u64) -> Guest {
-        let mut fe = Frontend::connect(socket, 1).expect("connect");
-        fe.set_owner().unwrap();
-        let features = fe.get_features().unwrap();
-        let version_1 = 1u64 << 32;
-        fe.set_features(version_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | (features & version_1))
-            .unwrap();
-        let proto = fe.get_protocol_features().unwrap();
-        let want = VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
-        fe.set_protocol_features(proto & want).unwrap();
-        // Every request waits for the back end's verdict.
-        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        Guest {
-            fe,
-            mem: memfd(mem_len),
-            mem_len,
-            kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            avail_idx: 0,
-            next_desc: 0,
-        }
-    }
-
-    fn region(&self, file: &File, len: u64) -> VhostUserMemoryRegionInfo {
-        VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: len,
-            userspace_addr: USER_BASE,
-            mmap_offset: 0,
-            mmap_handle: file.as_raw_fd(),
-        }
-    }
-
-    fn set_memory(&mut self) -> vhost::Result<()> {
-        let region = self.region(&self.mem, self.mem_len);
-        self.fe.set_mem_table(&[region]).map(|_| ())
-    }
-
-    /// Shares memory and starts virtqueue 0 at `base`.
-    fn start_ring(&mut self, base: u16) {
-        self.set_memory().expect("SET_MEM_TABLE");
-        self.fe.set_vring_num(0, QUEUE).unwrap();
-        let cfg = VringConfigData {
-            queue_max_size: QUEUE,
-            queue_size: QUEUE,
-            flags: 0,
-            desc_table_addr: USER_BASE + DESC,
-            used_ring_addr: USER_BASE + USED,
-            avail_ring_addr: USER_BASE + AVAIL,
-            log_addr: None,
-        };
-        self.fe.set_vring_addr(0, &cfg).unwrap();
-        self.fe.set_vring_base(0, base).unwrap();
-        self.avail_idx = base;
-        self.fe.set_vring_call(0, &self.call).unwrap();
-        self.fe.set_vring_kick(0, &self.kick).unwrap();
-        self.fe.set_vring_enable(0, true).unwrap();
-    }
-
-    fn put_desc(&mut self, addr: u64, len: u32, flags: u16) -> u16 {
-        let i = self.next_desc % QUEUE;
-        self.next_desc += 1;
-        let mut d = [0u8; 16];
-        d[0..8].copy_from_slice(&addr.to_le_bytes());
-        d[8..12].copy_from_slice(&len.to_le_bytes());
-        let next = (i + 1) % QUEUE;
-        d[12..14].copy_from_slice(&flags.to_le_bytes());
-        d[14..16].copy_from_slice(&next.to_le_bytes());
-        self.mem.write_at(&d, DESC + u64::from(i) * 16).unwrap();
-        i
-    }
-
-    /// Queues a request: header (type, sector), then `data` as (address, length,
-    /// writable) and a status byte; returns the head and where its status goes.
-    fn submit(&mut self, kind: u32, sector: u64, data: &[(u64, u32, bool)]) -> (u16, u64) {
-        let slot = u64::from(self.avail_idx % QUEUE);
-        let (hdr_at, status_at) = (HEADERS + slot * 16, STATUSES + slot);
-        let mut hdr = [0u8; 16];
-        hdr[0..4].copy_from_slice(&kind.to_le_bytes());
-        hdr[8..16].copy_from_slice(&sector.to_le_bytes());
-        self.mem.write_at(&hdr, hdr_at).unwrap();
-        self.mem.write_at(&[0xff], status_at).unwrap();
-        // One request in flight at a time: every chain starts at descriptor 0.
-        self.next_desc = 0;
-        let head = self.put_desc(hdr_at, 16, F_NEXT);
-        for &(addr, len, writable) in data {
-            self.put_desc(addr, len, F_NEXT | if writable { F_WRITE } else { 0 });
-        }
-        self.put_desc(status_at, 1, F_WRITE);
-        self.mem.write_at(&head.to_le_bytes(), AVAIL + 4 + slot * 2).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem.write_at(&self.avail_idx.to_le_bytes(), AVAIL + 2).unwrap();
-        self.kick.write(1).unwrap();
-        (head, status_at)
-    }
-
-    fn used_idx(&self) -> u16 {
-        let mut b = [0u8; 2];
-        self.mem.read_at(&mut b, USED + 2).unwrap();
-        u16::from_le_bytes(b)
-    }
-
-    /// The used entry `n` (id, len).
-    fn used_entry(&self, n: u16) -> (u32, u32) {
-        let mut e = [0u8; 8];
-        self.mem.read_at(&mut e, USED + 4 + u64::from(n % QUEUE) * 8).unwrap();
-        (u32::from_le_bytes(e[0..4].try_into().unwrap()), u32::from_le_bytes(e[4..8].try_into().unwrap()))
-    }
-
-    fn byte(&self, at: u64) -> u8 {
-        let mut b = [0u8];
-        self.mem.read_at(&mut b, at).unwrap();
-        b[0]
-    }
-
-    /// Submits one request and waits for its completion; returns (status, used len).
-    fn request(&mut self, kind: u32, sector: u64, data: &[(u64, u32, bool)]) -> (u8, u32) {
-        let done = self.used_idx().wrapping_add(1);
-        let (head, status_at) = self.submit(kind, sector, data);
-        wait_until("the request to complete", || self.used_idx() == done);
-        let (id, len) = self.used_entry(done.wrapping_sub(1));
-        assert_eq!(id, u32::from(head));
-        (self.byte(status_at), len)
-    }
-
-    /// A GET_ID into a 512-byte buffer: the serial comes back.
-    fn check_serial(&mut self) {
-        self.mem.write_at(&[0xee; 32], DATA).unwrap();
-        assert_eq!(self.request(T_GET_ID, 0, &[(DATA, 512, true)]), (S_OK, 21));
-        let mut id = [0u8; 20];
-        self.mem.read_at(&mut id, DATA).unwrap();
-        assert_eq!(&id[..14], b"hostile-serial");
-        assert_eq!(id[14..], [0; 6]);
-        assert_eq!(self.byte(DATA + 20), 0xee, "nothing past the 20-byte id is written");
-    }
+/// A GET_ID into a 512-byte buffer: the serial comes back.
+fn check_serial(g: &mut Guest) {
+    g.mem.write_at(&[0xee; 32], DATA).unwrap();
+    assert_eq!(g.request(T_GET_ID, 0, &[(DATA, 512, true)]), (S_OK, 21));
+    let mut id = [0u8; 20];
+    g.mem.read_at(&mut id, DATA).unwrap();
+    assert_eq!(&id[..14], b"hostile-serial");
+    assert_eq!(id[14..], [0; 6]);
+    assert_eq!(g.byte(DATA + 20), 0xee, "nothing past the 20-byte id is written");
 }
 
 fn connected(export: &Export) -> bool {
@@ -366,12 +188,12 @@ fn get_id_with_more_than_4_gib_of_buffers_is_answered_and_reconnects_work() {
     g.mem.read_at(&mut id, MIB).unwrap();
     assert_eq!(&id, b"hostile-serial");
     assert_eq!(g.byte(MIB + 20), 0xee);
-    g.check_serial();
+    check_serial(&mut g);
     assert!(connected(&export));
     hang_up(g, &export);
     let mut again = Guest::connect(&socket, 4 * MIB);
     again.start_ring(0);
-    again.check_serial();
+    check_serial(&mut again);
     assert!(connected(&export));
 }
 
@@ -383,7 +205,7 @@ fn a_looping_chain_fails_and_the_ring_goes_on() {
     let (_dir, probe, export, socket) = rig("loop");
     let mut g = Guest::connect(&socket, 4 * MIB);
     g.start_ring(0);
-    g.check_serial();
+    check_serial(&mut g);
     let reads_before = probe.reads.load(Ordering::SeqCst);
     // Header, six 512-byte buffers, a status byte whose `next` goes back to the first
     // buffer: eight descriptors in a ring of eight, then the loop.
@@ -414,7 +236,7 @@ fn a_looping_chain_fails_and_the_ring_goes_on() {
     assert_eq!(g.used_entry(done - 1), (0, 0), "refused with nothing written");
     assert_eq!(g.byte(STATUSES), 0xff, "no status byte for a chain without a trustworthy end");
     assert_eq!(probe.reads.load(Ordering::SeqCst), reads_before, "the device saw a read");
-    g.check_serial();
+    check_serial(&mut g);
     assert!(connected(&export));
 }
 
@@ -446,7 +268,7 @@ fn a_memory_region_larger_than_its_file_is_refused() {
 
     let mut g = Guest::connect(&socket, 4 * MIB);
     g.start_ring(0);
-    g.check_serial();
+    check_serial(&mut g);
 }
 
 /// Defect 2: an inflight file shorter than the mmap_size the front end declares was
@@ -468,7 +290,7 @@ fn an_inflight_file_shorter_than_declared_is_refused() {
     assert!(file.metadata().unwrap().len() >= info.mmap_size);
     g.fe.set_inflight_fd(&info, file.as_raw_fd()).unwrap();
     g.start_ring(0);
-    g.check_serial();
+    check_serial(&mut g);
 }
 
 /// Defect 3: a call eventfd that is blocking and saturated made the worker block in
@@ -492,8 +314,8 @@ fn a_saturated_blocking_call_eventfd_does_not_wedge_the_worker() {
     // test, not hang it (unwinding would wait for the worker while dropping the export).
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        g.check_serial();
-        g.check_serial();
+        check_serial(&mut g);
+        check_serial(&mut g);
         export.stop();
         drop(g);
         let _ = tx.send(());
@@ -516,7 +338,7 @@ fn a_faulting_request_fails_with_ioerr_and_is_not_replayed_after_reconnect() {
         g.fe.get_inflight_fd(&VhostUserInflight { mmap_size: 0, mmap_offset: 0, num_queues: 1, queue_size: QUEUE })
             .unwrap();
     g.start_ring(0);
-    g.check_serial();
+    check_serial(&mut g);
     let (status, len) = g.request(T_IN, PANIC_SECTOR, &[(DATA, 512, true)]);
     assert_eq!((status, len), (S_IOERR, 1));
     assert_eq!(probe.submitted_panic_sector.load(Ordering::SeqCst), 1);
@@ -531,7 +353,7 @@ fn a_faulting_request_fails_with_ioerr_and_is_not_replayed_after_reconnect() {
     g.mem = mem;
     g.fe.set_inflight_fd(&info, inflight.as_raw_fd()).unwrap();
     g.start_ring(used);
-    g.check_serial();
+    check_serial(&mut g);
     assert_eq!(probe.submitted_panic_sector.load(Ordering::SeqCst), 1, "the faulting request was replayed");
     assert_eq!(g.used_idx(), used.wrapping_add(1), "only the new request completed");
     assert!(connected(&export));
@@ -557,7 +379,7 @@ fn a_fault_in_the_message_loop_ends_that_connection_only() {
     wait_until("the export to drop the faulted connection", || !connected(&export));
     let mut g = Guest::connect(&socket, 4 * MIB);
     g.start_ring(0);
-    g.check_serial();
+    check_serial(&mut g);
     assert!(connected(&export));
 }
 
@@ -592,7 +414,7 @@ fn a_new_memory_table_keeps_the_old_region_registered_until_its_requests_complet
     wait_until("the old region to be unregistered once idle", || {
         probe.registrations.lock().unwrap().contains(&(old_region, false))
     });
-    g.check_serial();
+    check_serial(&mut g);
     drop(export);
 }
 
@@ -627,6 +449,6 @@ fn a_removed_region_stays_registered_until_its_requests_complete() {
     wait_until("the removed region to be unregistered once idle", || {
         probe.registrations.lock().unwrap().contains(&(extra_host, false))
     });
-    g.check_serial();
+    check_serial(&mut g);
     drop(export);
 }

@@ -12,6 +12,9 @@
 //! Disk images live in a temporary directory on the host's file system (ext4 on a
 //! Debian host), as a VM host would keep them.
 
+#[path = "../../server/tests/hostile_guest/mod.rs"]
+mod hostile_guest;
+
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -114,10 +117,52 @@ impl Clients {
     }
 }
 
-/// A front end that speaks vhost-user badly: truncated headers, an unknown request
-/// with a huge payload size, a memory table claiming regions it does not pass fds
-/// for, then a hang-up mid-message. Each connection must end alone.
+/// A guest that sends what no driver would: memory it does not back (a region longer
+/// than its memfd), a GET_ID with 5 GiB of buffers (it panicked the worker on
+/// c9b6bcd), a chain that loops, then hangs up with a request in flight. Then a front
+/// end that speaks vhost-user badly: truncated headers, an unknown request with a huge
+/// payload size, a memory table claiming regions it passes no fds for. Each
+/// connection must end alone.
 fn hostile_front_end(socket: &Path) {
+    use hostile_guest::*;
+    use std::os::unix::fs::FileExt;
+
+    let mut guest = Guest::connect(socket, 4 * MIB);
+    guest.mem_len = 64 * MIB; // claims more than the memfd holds
+    assert!(guest.set_memory().is_err(), "a region longer than its file was accepted");
+    drop(guest);
+
+    let mut guest = Guest::connect(socket, (5 << 30) + 2 * MIB);
+    guest.start_ring(0);
+    let half = 0xA000_0000u32;
+    let (status, _) = guest.request(T_GET_ID, 0, &[(MIB, half, true), (MIB + u64::from(half), half, true)]);
+    assert_eq!(status, S_OK, "GET_ID into 5 GiB of buffers");
+    // A read whose status descriptor leads back into the chain.
+    let mut header = [0u8; 16];
+    header[0..4].copy_from_slice(&T_IN.to_le_bytes());
+    guest.mem.write_at(&header, HEADERS).unwrap();
+    let descriptor = |addr: u64, len: u32, flags: u16, next: u16| {
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+        d
+    };
+    guest.mem.write_at(&descriptor(HEADERS, 16, F_NEXT, 1), DESC).unwrap();
+    guest.mem.write_at(&descriptor(DATA, 512, F_NEXT | F_WRITE, 2), DESC + 16).unwrap();
+    guest.mem.write_at(&descriptor(STATUSES, 1, F_NEXT | F_WRITE, 1), DESC + 32).unwrap();
+    let slot = u64::from(guest.avail_idx % QUEUE);
+    guest.mem.write_at(&0u16.to_le_bytes(), AVAIL + 4 + slot * 2).unwrap();
+    guest.avail_idx = guest.avail_idx.wrapping_add(1);
+    guest.mem.write_at(&guest.avail_idx.to_le_bytes(), AVAIL + 2).unwrap();
+    guest.kick.write(1).unwrap();
+    let answered = guest.avail_idx;
+    wait_until("the looping chain to be answered", || guest.used_idx() == answered);
+    // Hang up with a read in flight.
+    guest.submit(T_IN, 0, &[(DATA, 4096, true)]);
+    drop(guest);
+
     let messages: [&[u8]; 4] = [
         // A header cut short.
         &[1, 0, 0],
