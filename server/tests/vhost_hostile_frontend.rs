@@ -240,6 +240,28 @@ fn a_looping_chain_fails_and_the_ring_goes_on() {
     assert!(connected(&export));
 }
 
+/// Defect 2, the other way round: a front end that shrinks its memfd after udm mapped it
+/// (libblkio's memfds and file-backed guest memory cannot be sealed) would make the
+/// worker's next access past the new end raise SIGBUS and kill the daemon (here: this
+/// test process). The access is absorbed instead, the connection is ended with the
+/// reason, and the export serves the next front end.
+#[test]
+fn a_memory_file_truncated_after_mapping_ends_that_connection_only() {
+    let (_dir, _probe, export, socket) = rig("truncate");
+    let mut g = Guest::connect(&socket, 4 * MIB);
+    g.start_ring(0);
+    check_serial(&mut g);
+    // Rings, headers and statuses stay in the first MiB; the id goes past the new end.
+    g.mem.set_len(MIB).unwrap();
+    let (status, _) = g.request(T_GET_ID, 0, &[(3 * MIB, 20, true)]);
+    assert_eq!(status, S_OK, "the request completes (its id went to a page that is gone)");
+    wait_until("the export to end the connection", || !connected(&export));
+    let mut again = Guest::connect(&socket, 4 * MIB);
+    again.start_ring(0);
+    check_serial(&mut again);
+    assert!(connected(&export));
+}
+
 /// Defect 2: a memory region larger than the file behind it was mapped as it was, and
 /// the first access past the file's end raised SIGBUS (the whole daemon died). Now
 /// SET_MEM_TABLE and ADD_MEM_REG refuse it before mapping.

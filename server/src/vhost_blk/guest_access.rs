@@ -29,13 +29,14 @@ struct HostRange {
 /// The guest's memory: the regions a front end shared, mapped into udm.
 #[derive(Default)]
 pub struct GuestMem {
+    /// Kept alive as long as this table: the regions' truncation guards and their
+    /// registrations with the device, so a region is unregistered (DMA unmapped) only
+    /// once no worker can still use it. Declared first: dropped before the mappings.
+    pins: Vec<Arc<dyn Send + Sync>>,
     /// Owns the mappings the host pointers below point into.
     backend: Option<GuestMemoryMmap<()>>,
     /// Sorted by guest address, non-overlapping.
     ranges: Vec<HostRange>,
-    /// Kept alive as long as this table: the regions' registrations with the device, so a
-    /// region is unregistered (DMA unmapped) only once no worker can still use it.
-    pins: Vec<Arc<dyn Send + Sync>>,
 }
 
 impl std::fmt::Debug for GuestMem {
@@ -75,6 +76,12 @@ impl GuestMem {
         let ranges =
             backend.iter().map(|r| HostRange { guest: r.start_addr().0, len: r.len(), host: r.as_ptr() }).collect();
         Ok(GuestMem { backend: Some(backend), ranges, pins: Vec::new() })
+    }
+
+    /// The guest address of a region whose file the front end truncated under udm (see
+    /// [`super::truncation_guard`]), if any.
+    pub fn truncated_region(&self) -> Option<u64> {
+        self.ranges.iter().find(|r| super::truncation_guard::was_hit_at(r.host)).map(|r| r.guest)
     }
 
     /// The region holding guest address `addr`.

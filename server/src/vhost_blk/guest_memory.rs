@@ -11,6 +11,7 @@
 //! still targets it).
 
 use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 use udm_drivers::{BlockDevice, MemoryRegion};
@@ -18,6 +19,7 @@ use vhost::vhost_user::message::VhostUserMemoryRegion;
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestRegionMmap};
 
 use super::request::GuestMem;
+use super::truncation_guard::TruncationGuard;
 
 /// Most regions one SET_MEM_TABLE or a run of ADD_MEM_REG may map (what udm answers to
 /// GET_MAX_MEM_SLOTS; libblkio adds one per mapped buffer area).
@@ -25,6 +27,10 @@ pub const MAX_MEM_SLOTS: usize = 256;
 
 /// One region of guest memory mapped into udm.
 struct Mapped {
+    /// Absorbs accesses past the end of a file the front end truncated after handing
+    /// it over; shared with every table that uses the region (declared first: dropped
+    /// before the mapping).
+    guard: Arc<TruncationGuard>,
     guest_phys_addr: u64,
     size: u64,
     /// Where the front end (QEMU) has it: vring addresses arrive in this space.
@@ -197,8 +203,10 @@ impl MemoryTable {
                 _mapping: Arc::clone(&m.region),
             }));
         }
-        let pins =
-            self.regions.iter().filter_map(|m| m.registration.clone()).map(|r| r as Arc<dyn Send + Sync>).collect();
+        let registrations =
+            self.regions.iter().filter_map(|m| m.registration.clone()).map(|r| r as Arc<dyn Send + Sync>);
+        let guards = self.regions.iter().map(|m| Arc::clone(&m.guard) as Arc<dyn Send + Sync>);
+        let pins = guards.chain(registrations).collect();
         let mem =
             GuestMem::from_arc_regions_pinning(self.regions.iter().map(|m| Arc::clone(&m.region)).collect(), pins)
                 .map_err(|e| MemoryError::Layout(e.to_string()))?;
@@ -213,10 +221,14 @@ fn map(r: &VhostUserMemoryRegion, file: File) -> Result<Mapped, MemoryError> {
         return Err(err("empty region".into()));
     }
     check_file_covers(&file, r.mmap_offset, r.memory_size).map_err(err)?;
+    let granule = file.metadata().map(|m| m.blksize()).unwrap_or(0);
     let mmap = r.mmap_region::<()>(file).map_err(|e| err(e.to_string()))?;
     let region = GuestRegionMmap::new(mmap, GuestAddress(r.guest_phys_addr))
         .ok_or_else(|| err("region wraps around the address space".into()))?;
+    let guard = TruncationGuard::new(region.as_ptr(), r.memory_size as usize, granule as usize)
+        .map_err(|e| err(e.to_string()))?;
     Ok(Mapped {
+        guard: Arc::new(guard),
         guest_phys_addr: r.guest_phys_addr,
         size: r.memory_size,
         user_addr: r.user_addr,

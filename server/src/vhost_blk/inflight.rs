@@ -21,8 +21,11 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
+
+use super::truncation_guard::TruncationGuard;
 
 const HEADER_LEN: usize = 16;
 const DESC_LEN: usize = 16;
@@ -41,6 +44,9 @@ pub fn queue_region_len(queue_size: u16) -> usize {
 struct Mapping {
     ptr: *mut u8,
     len: usize,
+    /// The front end may truncate a file it handed over: accesses past its new end are
+    /// absorbed instead of killing the daemon. Dropped before the unmap.
+    guard: Option<TruncationGuard>,
 }
 
 // SAFETY: the mapping is plain shared memory; every access goes through volatile reads
@@ -51,6 +57,7 @@ unsafe impl Sync for Mapping {}
 
 impl Drop for Mapping {
     fn drop(&mut self) {
+        drop(self.guard.take());
         // SAFETY: `ptr..ptr+len` is the mapping created in `InflightRegion::map`, unmapped once.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
@@ -117,7 +124,17 @@ impl InflightRegion {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(InflightRegion { file, map: Arc::new(Mapping { ptr: ptr.cast(), len }), num_queues, queue_size })
+        let ptr = ptr.cast::<u8>();
+        let granule = usize::try_from(file.metadata()?.blksize()).unwrap_or(0);
+        let guard = match TruncationGuard::new(ptr, len, granule) {
+            Ok(guard) => guard,
+            Err(e) => {
+                // SAFETY: the mapping made above, not yet shared with anything.
+                unsafe { libc::munmap(ptr.cast(), len) };
+                return Err(io::Error::other(e));
+            }
+        };
+        Ok(InflightRegion { file, map: Arc::new(Mapping { ptr, len, guard: Some(guard) }), num_queues, queue_size })
     }
 
     /// The file to send to the front end.
@@ -179,6 +196,11 @@ pub struct Recovery {
 }
 
 impl InflightQueue {
+    /// Whether the front end truncated the inflight file under this mapping.
+    pub fn truncated(&self) -> bool {
+        self._map.guard.as_ref().is_some_and(TruncationGuard::was_hit)
+    }
+
     fn read_u16(&self, off: usize) -> u16 {
         // SAFETY: `off` is a header or descriptor field inside this queue's window.
         unsafe { std::ptr::read_volatile(self.base.add(off).cast::<u16>()) }

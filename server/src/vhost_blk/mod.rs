@@ -28,6 +28,7 @@ pub mod inflight;
 pub mod log_limit;
 pub mod request;
 pub mod stats;
+pub mod truncation_guard;
 pub mod worker;
 
 pub use export::{Export, ExportConfig, ExportError, ExportInfo};

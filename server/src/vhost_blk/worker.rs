@@ -33,6 +33,7 @@ use super::request::{
     STATUS_UNSUPP,
 };
 use super::stats::{new_histogram, Kind, QueueStats};
+use super::truncation_guard;
 
 /// Chains parsed between two looks for finished requests while a batch is popped (in
 /// the quiet-machine rounds of BENCHMARKS.md, 4 did better than 1, 2, 8 and the whole
@@ -204,6 +205,7 @@ pub fn spawn(
         call: setup.call,
         inflight: setup.inflight,
         on_fault: setup.on_fault,
+        truncations_seen: truncation_guard::absorbed(),
         current: None,
         ioq,
         slots: (0..size).map(|_| Slot::new()).collect(),
@@ -274,6 +276,8 @@ struct Worker {
     call: Arc<ArcSwapOption<File>>,
     inflight: Option<InflightQueue>,
     on_fault: FaultHook,
+    /// Truncated-file faults absorbed process-wide when this worker last looked.
+    truncations_seen: u64,
     /// The chain being parsed or submitted (slot, head): the one a fault is blamed on.
     current: Option<(u16, u16)>,
     ioq: Box<dyn IoQueue>,
@@ -380,6 +384,7 @@ impl Worker {
         let mut idle_awake = false;
         loop {
             self.now = Instant::now();
+            self.check_truncation();
             let stopping = self.stop.load(Ordering::Acquire);
             let mut progress = false;
             if !stopping {
@@ -450,6 +455,29 @@ impl Worker {
                 _ => std::hint::spin_loop(),
             }
         }
+    }
+
+    /// Ends the connection when the front end truncated a file under this queue's guest
+    /// memory or inflight window (the access was absorbed: see `truncation_guard`).
+    /// One relaxed load when nothing happened.
+    fn check_truncation(&mut self) {
+        let absorbed = truncation_guard::absorbed();
+        if absorbed == self.truncations_seen {
+            return;
+        }
+        self.truncations_seen = absorbed;
+        let what = match self.mem.truncated_region() {
+            Some(gpa) => format!("the guest memory region at {gpa:#x}"),
+            None if self.inflight.as_ref().is_some_and(InflightQueue::truncated) => "the inflight region".to_string(),
+            None => return,
+        };
+        let reason = format!(
+            "the front end truncated the file behind {what} while udm had it mapped; \
+             its accesses past the new end read zeroes, and the connection is ended"
+        );
+        tracing::error!(queue = self.index, "{reason}");
+        (self.on_fault)(&reason);
+        self.stop.store(true, Ordering::Release);
     }
 
     fn make_epoll(&self) -> Option<Epoll> {
