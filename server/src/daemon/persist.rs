@@ -157,9 +157,27 @@ impl Daemon {
         state
     }
 
-    /// The problem `dm ls` shows for `name`, if it came back as an `error` device and is
-    /// still as it was rebuilt.
+    /// The problem `dm ls` shows for `name`: it came back as an `error` device (and is
+    /// still as it was rebuilt), or its tables use one, directly or further down.
     pub fn problem(&self, name: &str) -> Option<String> {
+        if let Some(own) = self.own_problem(name) {
+            return Some(own);
+        }
+        let mut seen = BTreeSet::new();
+        let mut todo: Vec<String> = self.registry.deps(name, TableSlot::Live).unwrap_or_default();
+        while let Some(d) = todo.pop() {
+            if !seen.insert(d.clone()) {
+                continue;
+            }
+            if self.own_problem(&d).is_some() {
+                return Some(format!("uses `{d}`, which came back as an error device (see its problem)"));
+            }
+            todo.extend(self.registry.deps(&d, TableSlot::Live).unwrap_or_default());
+        }
+        None
+    }
+
+    fn own_problem(&self, name: &str) -> Option<String> {
         let id = self.registry.device_id(name).ok()?;
         let problems = self.problems();
         let p = problems.get(&id)?;
