@@ -334,10 +334,11 @@ impl Daemon {
             }
             let [origin, cow, persistence, ..] = line.args.as_slice() else { continue };
             if persistence.eq_ignore_ascii_case("N") {
-                return Err(format!(
+                return Err(
                     "a transient (N) snapshot keeps its exceptions in memory: they did not survive the restart \
                      (remove it with `udm dm remove`)"
-                ));
+                        .into(),
+                );
             }
             let (Ok(cow_dev), Ok(origin_dev)) = (self.registry.device(cow), self.registry.device(origin)) else {
                 continue;
