@@ -268,3 +268,61 @@ fn config_save_recreates_the_state_and_config_check_validates() {
     let text = String::from_utf8_lossy(&check.stdout);
     assert!(text.contains("nonsense") && text.contains("already used") && text.contains("uses `y`"), "{text}");
 }
+
+/// Polls `done` (a merge runs in the background) for up to a minute.
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what} never happened");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_merge_finished_in_the_background_is_saved() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    empty_config(d);
+    let (disk, cow) = (file(d, "d.img", 4), file(d, "s.cow", 4));
+    let serve = Serve::start(d, &["--config", "udm.toml"]);
+    serve.ok(&["backend", "add", "disk", &disk]);
+    serve.ok(&["dm", "create", "vol", "--table", "0 8192 linear disk 0"]);
+    serve.ok(&["snapshot", "create", "vol", "snap", "--cow", &cow]);
+    serve.ok(&["export", "add", "vol", "--socket", d.join("vol.sock").to_str().unwrap()]);
+    {
+        let mut client = Client::connect(&d.join("vol.sock"), 1, false).unwrap();
+        client.buf()[..65536].fill(0x5a);
+        assert!(client.run(0, &[Op::Write { offset: 0, buf: 0, len: 65536 }]).iter().all(|&r| r == 0));
+    }
+    serve.ok(&["snapshot", "merge", "snap"]);
+    wait_for("the merge finishing", || !serve.ok(&["dm", "ls"]).contains("snap"));
+    // Saved by the finisher itself, with no control call after it.
+    wait_for("the state saved", || !std::fs::read_to_string(d.join("udm-state.json")).unwrap().contains("snapshot"));
+    serve.kill();
+    let serve = Serve::start(d, &[]);
+    assert_eq!(serve.ok(&["dm", "table", "vol"]).trim(), "0 8192 linear disk 0");
+}
+
+#[test]
+fn an_export_that_cannot_start_again_is_kept_and_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    empty_config(d);
+    std::fs::create_dir(d.join("socks")).unwrap();
+    let disk = file(d, "d.img", 4);
+    let serve = Serve::start(d, &["--config", "udm.toml"]);
+    serve.ok(&["backend", "add", "disk", &disk]);
+    serve.ok(&["export", "add", "e", "--device", "disk", "--socket", d.join("socks/e.sock").to_str().unwrap()]);
+    serve.kill();
+    std::fs::remove_dir_all(d.join("socks")).unwrap();
+
+    let serve = Serve::start(d, &[]);
+    let ls = serve.ok(&["export", "ls"]);
+    assert!(ls.contains("NOT RUNNING") && ls.contains("e: not running:"), "{ls}");
+    serve.ok(&["dm", "create", "x", "--table", "0 8 linear disk 0"]);
+    let state = std::fs::read_to_string(d.join("udm-state.json")).unwrap();
+    assert!(state.contains("socks/e.sock"), "kept in the state: {state}");
+    serve.ok(&["export", "remove", "e"]);
+    let state = std::fs::read_to_string(d.join("udm-state.json")).unwrap();
+    assert!(!state.contains("socks/e.sock"), "forgotten once removed: {state}");
+}

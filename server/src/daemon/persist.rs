@@ -442,3 +442,57 @@ fn dependency_order(devices: Vec<DeviceState>) -> Vec<DeviceState> {
 pub fn load_state(path: &Path) -> Result<Option<StateFile>, StateError> {
     StateFile::load(path)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::methods::call;
+    use serde_json::json;
+
+    #[test]
+    fn a_change_that_cannot_be_saved_is_in_effect_and_the_reply_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Daemon::new(vec![]);
+        d.set_recording(Recording::On(dir.path().join("gone").join("udm-state.json")));
+        let e = call(&d, "backend.add", Some(json!({"name": "m", "spec": "mem:1M"}))).unwrap_err();
+        assert!(e.message.contains("in effect, but it is not saved") && e.message.contains("gone"), "{}", e.message);
+        assert!(d.registry().device("m").is_ok(), "the change stays");
+        // Reports do not write.
+        call(&d, "dm.ls", None).unwrap();
+        d.set_recording(Recording::On(dir.path().join("udm-state.json")));
+        call(&d, "dm.create", Some(json!({"name": "v", "table": "0 8 linear m 0"}))).unwrap();
+        let saved = StateFile::load(&dir.path().join("udm-state.json")).unwrap().unwrap();
+        assert_eq!(saved.backends[0].spec.as_deref(), Some("mem:1M"));
+        assert_eq!(saved.devices[0].table.as_deref(), Some("0 8 linear m 0\n"));
+    }
+
+    #[test]
+    fn changes_wait_for_the_start_to_finish() {
+        let d = Daemon::new(vec![]);
+        d.set_recording(Recording::Starting);
+        let e = call(&d, "backend.add", Some(json!({"name": "m", "spec": "mem:1M"}))).unwrap_err();
+        assert!(e.message.contains("starting"), "{}", e.message);
+        assert!(d.registry().device("m").is_err(), "nothing changed");
+        call(&d, "dm.ls", None).unwrap();
+    }
+
+    #[test]
+    fn devices_come_after_what_they_use_and_snapshots_before_origins() {
+        let dev = |name: &str, table: &str| DeviceState {
+            name: name.into(),
+            uuid: None,
+            table: Some(table.into()),
+            inactive_table: None,
+            suspended: false,
+        };
+        let order = dependency_order(vec![
+            dev("a", "0 8 linear b 0"),
+            dev("b", "0 8 striped 2 8 c 0 disk 0"),
+            dev("c", "0 8 linear disk 0"),
+            dev("origin", "0 8 snapshot-origin c"),
+            dev("snap", "0 8 snapshot c c 0 P 8"),
+        ]);
+        let names: Vec<&str> = order.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["c", "b", "a", "snap", "origin"]);
+    }
+}
