@@ -326,3 +326,37 @@ fn an_export_that_cannot_start_again_is_kept_and_shown() {
     let state = std::fs::read_to_string(d.join("udm-state.json")).unwrap();
     assert!(!state.contains("socks/e.sock"), "forgotten once removed: {state}");
 }
+
+#[test]
+fn a_merge_begun_before_its_tables_were_saved_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    empty_config(d);
+    let (disk, cow) = (file(d, "d.img", 4), file(d, "s.cow", 4));
+    let serve = Serve::start(d, &["--config", "udm.toml"]);
+    serve.ok(&["backend", "add", "disk", &disk]);
+    serve.ok(&["dm", "create", "vol", "--table", "0 8192 linear disk 0"]);
+    {
+        serve.ok(&["export", "add", "vol", "--socket", d.join("vol.sock").to_str().unwrap()]);
+        let mut client = Client::connect(&d.join("vol.sock"), 1, false).unwrap();
+        client.buf()[..65536].fill(0x11);
+        assert!(client.run(0, &[Op::Write { offset: 0, buf: 0, len: 65536 }]).iter().all(|&r| r == 0));
+        serve.ok(&["snapshot", "create", "vol", "snap", "--cow", &cow]);
+        client.buf()[..65536].fill(0x22);
+        assert!(client.run(0, &[Op::Write { offset: 0, buf: 0, len: 65536 }]).iter().all(|&r| r == 0));
+    }
+    serve.kill();
+    // What a kill leaves when `snapshot merge` had marked the COW (and begun writing the
+    // origin) but its tables were not saved yet: the state still shows the snapshot.
+    {
+        let cow_dev = udm_drivers::backend_spec::open_backend(&cow).unwrap();
+        let mut q = cow_dev.open_queue(4).unwrap();
+        udm_mapping::exception_store::probe::write_merge_mark(q.as_mut(), &cow_dev.info(), true).unwrap();
+    }
+    let serve = Serve::start(d, &[]);
+    // The merge goes on and finishes: the origin is rolled back to the snapshot.
+    wait_for("the resumed merge finishing", || !serve.ok(&["dm", "ls"]).contains("snap"));
+    let mut client = Client::connect(&d.join("vol.sock"), 1, false).unwrap();
+    assert!(client.run(0, &[Op::Read { offset: 0, buf: 0, len: 65536 }]).iter().all(|&r| r == 0));
+    assert!(client.buf()[..65536].iter().all(|&b| b == 0x11), "rolled back to the snapshot");
+}

@@ -224,6 +224,7 @@ impl Daemon {
             }
         }
         let mut rebuilt = Vec::new();
+        let mut merging = Vec::new();
         for d in &state.devices {
             if let Err(e) = self.registry.create(&d.name, d.uuid.as_deref(), None) {
                 fail(format!("device {}: cannot be created: {e}", d.name));
@@ -231,14 +232,20 @@ impl Daemon {
             }
             rebuilt.push(d);
             let Some(table) = &d.table else { continue };
-            let loaded = self.check_restorable(table).and_then(|()| {
+            let loaded = self.check_restorable(table).and_then(|marked| {
                 self.registry
                     .load(&d.name, table)
                     .and_then(|()| self.registry.resume(&d.name))
+                    .map(|()| marked)
                     .map_err(|e| e.to_string())
             });
             match loaded {
-                Ok(()) => report.restored += 1,
+                Ok(marked) => {
+                    report.restored += 1;
+                    if marked {
+                        merging.push(d.name.as_str());
+                    }
+                }
                 Err(reason) => {
                     let _ = self.registry.clear(&d.name);
                     let standin = error_table(table);
@@ -257,7 +264,7 @@ impl Daemon {
             if let Some(table) = &d.inactive_table {
                 if let Err(reason) = self
                     .check_restorable(table)
-                    .and_then(|()| self.registry.load(&d.name, table).map_err(|e| e.to_string()))
+                    .and_then(|_| self.registry.load(&d.name, table).map_err(|e| e.to_string()))
                 {
                     self.note_problem(
                         &d.name,
@@ -266,6 +273,15 @@ impl Daemon {
                     );
                     fail(format!("device {}: its inactive table cannot be loaded: {reason}", d.name));
                 }
+            }
+        }
+        // A merge that had begun (its COW is marked) when udm was killed before it could
+        // record the merge's tables: the origin is partly merged, so the merge must go
+        // on, as a declared snapshot's does.
+        for name in merging {
+            tracing::warn!("snapshot {name} was being merged when udm stopped: resuming the merge");
+            if let Err(e) = self.snapshot_merge(name) {
+                fail(format!("snapshot {name}: its merge had begun and cannot be resumed: {e}"));
             }
         }
         for d in rebuilt.iter().filter(|d| d.suspended) {
@@ -325,9 +341,11 @@ impl Daemon {
     /// Refuses a table that would load but not as it was: a transient snapshot (its
     /// exceptions were in memory), or a persistent snapshot or merge whose COW came
     /// back blank (it was in RAM, or was wiped): its table would initialise an empty
-    /// store and show the origin as it is now.
-    fn check_restorable(&self, table: &str) -> Result<(), String> {
-        let Ok(lines) = parse_table_text(table) else { return Ok(()) };
+    /// store and show the origin as it is now. `Ok(true)`: a `snapshot` line's COW
+    /// carries the merge mark (a merge began).
+    fn check_restorable(&self, table: &str) -> Result<bool, String> {
+        let mut marked = false;
+        let Ok(lines) = parse_table_text(table) else { return Ok(false) };
         for line in lines {
             if line.target != "snapshot" && line.target != "snapshot-merge" {
                 continue;
@@ -352,7 +370,7 @@ impl Daemon {
                 })
                 .map_err(|e| format!("its COW `{cow}` cannot be read: {e}"))?;
             match contents {
-                CowContents::Store(_) => {}
+                CowContents::Store(s) => marked |= s.merging && line.target == "snapshot",
                 CowContents::Blank => {
                     return Err(format!(
                         "its COW `{cow}` holds no snapshot store{}: the snapshot cannot come back (remove it with \
@@ -365,7 +383,7 @@ impl Daemon {
                 }
             }
         }
-        Ok(())
+        Ok(marked)
     }
 
     /// ` (it was in RAM: mem:64M)` when `device` lies on a RAM backend.
