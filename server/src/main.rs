@@ -32,6 +32,8 @@ enum Command {
     Export(cli::export::ExportArgs),
     /// I/O statistics per export and queue (through the control socket).
     Stats(cli::stats::StatsArgs),
+    /// The running state as a udm.toml (`save`), or a udm.toml validated (`check`).
+    Config(cli::config::ConfigArgs),
     /// Measure a block device with a closed-loop load generator (like fio or SPDK perf).
     Bench(bench::BenchArgs),
     /// Prepare the machine for the NVMe driver: bind controllers to vfio-pci, reserve
@@ -54,6 +56,7 @@ fn main() -> ExitCode {
         Command::Snapshot(args) => cli::snapshot::main(args),
         Command::Export(args) => cli::export::main(args),
         Command::Stats(args) => cli::stats::main(args),
+        Command::Config(args) => cli::config::main(args),
         Command::Bench(args) => bench::main(args),
         Command::Setup(args) => cli::setup::main(args),
         Command::Nvme(args) => cli::nvme::main(args),

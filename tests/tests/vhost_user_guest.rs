@@ -174,7 +174,7 @@ fn growing_the_volume_reaches_the_running_guest() {
             BackendConfig { name: "ram0".into(), spec: "mem:64M".into() },
             BackendConfig { name: "ram1".into(), spec: "mem:64M".into() },
         ],
-        devices: vec![DeviceConfig { name: "vol0".into(), table: "0 131072 linear ram0 0".into(), uuid: None }],
+        devices: vec![DeviceConfig::new("vol0", "0 131072 linear ram0 0")],
         snapshots: vec![],
         exports: vec![export(dir.path(), "vol0", 1, false)],
         ..Config::default()

@@ -184,6 +184,9 @@ fn render_info(v: &Value) -> String {
         if let Some(u) = d["uuid"].as_str() {
             out.push_str(&format!("UUID: {u}\n"));
         }
+        if let Some(p) = d["problem"].as_str() {
+            out.push_str(&format!("Problem:           {p}\n"));
+        }
     }
     out
 }
@@ -216,7 +219,13 @@ fn render_ls(v: &Value) -> String {
     if rows.is_empty() {
         return "No devices found\n".into();
     }
-    rows.iter().map(|r| format!("{}\t({})\n", field(r, "name"), field(r, "kind"))).collect()
+    rows.iter()
+        .map(|r| match r["problem"].as_str() {
+            // A device that came back from the state file as an `error` device.
+            Some(p) => format!("{}\t({})\tERROR: {p}\n", field(r, "name"), field(r, "kind")),
+            None => format!("{}\t({})\n", field(r, "name"), field(r, "kind")),
+        })
+        .collect()
 }
 
 fn render_deps(v: &Value) -> String {

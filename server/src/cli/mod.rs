@@ -2,6 +2,7 @@
 
 pub mod backend;
 pub mod common;
+pub mod config;
 pub mod dm;
 pub mod export;
 pub mod nvme;

@@ -1,5 +1,11 @@
 //! Method dispatch: each method has a params struct (unknown fields refused), so a
 //! malformed call is an INVALID_PARAMS error before anything is touched.
+//!
+//! Every method that changes something ([`CHANGES`]) writes the state file once it has
+//! succeeded and before the reply says ok. If that write fails, the change is not
+//! rolled back (undoing an export removal or a merge is not simple and could fail in
+//! turn): the reply is an error saying the change is in effect but not saved, and why;
+//! the next change that is saved records it too.
 
 use std::time::Duration;
 
@@ -8,6 +14,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::protocol::{RpcError, INVALID_PARAMS, METHOD_NOT_FOUND, OPERATION_FAILED};
+use crate::daemon::config::Config;
 use crate::daemon::{CowMode, Daemon, DaemonError};
 use crate::vhost_blk::ExportConfig;
 
@@ -36,6 +43,26 @@ pub const METHODS: &[&str] = &[
     "export.remove",
     "export.ls",
     "stats",
+    "config.save",
+    "config.check",
+];
+
+/// The methods that change the daemon's state (and so write the state file).
+pub const CHANGES: &[&str] = &[
+    "backend.add",
+    "backend.remove",
+    "dm.create",
+    "dm.load",
+    "dm.suspend",
+    "dm.resume",
+    "dm.clear",
+    "dm.remove",
+    "dm.rename",
+    "snapshot.create",
+    "snapshot.remove",
+    "snapshot.merge",
+    "export.add",
+    "export.remove",
 ];
 
 #[derive(Deserialize)]
@@ -149,6 +176,16 @@ struct SnapCreate {
     reinit: bool,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigCheck {
+    /// The udm.toml text.
+    text: String,
+    /// Where it came from, for messages.
+    #[serde(default)]
+    path: Option<String>,
+}
+
 fn default_chunk() -> String {
     "4k".into()
 }
@@ -170,8 +207,41 @@ fn to_value<T: serde::Serialize>(v: T) -> Result<Value, RpcError> {
     serde_json::to_value(v).map_err(|e| RpcError::new(OPERATION_FAILED, format!("cannot encode the result: {e}")))
 }
 
-/// Runs one method.
+/// Runs one method; a change is saved to the state file before this returns ok.
 pub fn call(d: &Daemon, method: &str, p: Option<Value>) -> Result<Value, RpcError> {
+    let changes = CHANGES.contains(&method);
+    if changes && d.is_starting() {
+        return Err(RpcError::new(
+            OPERATION_FAILED,
+            "udm is starting (rebuilding its state): nothing was changed; retry once `udm serve` says it is serving",
+        ));
+    }
+    let result = dispatch(d, method, p)?;
+    if changes {
+        d.save_state().map_err(|e| {
+            RpcError::new(
+                OPERATION_FAILED,
+                format!(
+                    "{method} is done and in effect, but it is not saved: {e}. A restart now would not bring it \
+                     back; fix the cause (space, permissions on the state file's directory), then any change that \
+                     succeeds saves the whole state again"
+                ),
+            )
+        })?;
+    }
+    Ok(result)
+}
+
+/// The result of `config.check`: the problems found (none: the file is good).
+pub fn config_check(text: &str, origin: &str) -> Value {
+    let problems = match Config::parse(text, std::path::Path::new(origin)) {
+        Ok(c) => c.check(),
+        Err(e) => vec![e.to_string()],
+    };
+    json!({"ok": problems.is_empty(), "problems": problems})
+}
+
+fn dispatch(d: &Daemon, method: &str, p: Option<Value>) -> Result<Value, RpcError> {
     let done = |r: Result<(), DaemonError>| r.map(|()| Value::Null).map_err(failed);
     match method {
         "backend.add" => {
@@ -250,6 +320,14 @@ pub fn call(d: &Daemon, method: &str, p: Option<Value>) -> Result<Value, RpcErro
             to_value(d.export_ls())
         }
         "stats" => to_value(d.stats(params::<OptName>(p)?.name.as_deref()).map_err(failed)?),
+        "config.save" => {
+            params::<OptName>(p)?;
+            to_value(Config::embedded_default().from_state(&d.capture()))
+        }
+        "config.check" => {
+            let a: ConfigCheck = params(p)?;
+            Ok(config_check(&a.text, a.path.as_deref().unwrap_or("(config text)")))
+        }
         other => Err(RpcError::new(
             METHOD_NOT_FOUND,
             format!("unknown method `{other}`: known methods are {}", METHODS.join(", ")),

@@ -3,6 +3,8 @@
 //!
 //! ```toml
 //! control = "./udm.ctl"
+//! # Where every change is recorded (default: udm-state.json beside the control socket).
+//! state = "./udm-state.json"
 //! # Who may use the control socket (default 0600: udm's user only).
 //! control_mode = "0660"
 //! control_group = "udm"
@@ -14,6 +16,12 @@
 //! [[device]]
 //! name = "vol0"
 //! table = "0 2097152 linear disk0 0"
+//!
+//! [[device]]
+//! name = "vol1"
+//! table = "0 1024 linear disk0 2097152"
+//! inactive_table = "0 2048 linear disk0 2097152"   # loaded, not resumed
+//! suspended = true
 //!
 //! [[snapshot]]
 //! origin = "vol0"
@@ -32,10 +40,22 @@
 //! socket_group = "kvm"
 //! ```
 
+//!
+//! When a state file exists (see [`super::state`]), it is what `udm serve` rebuilds, and
+//! this file's declarations are applied only for objects the state does not hold (by
+//! name): a declaration added since the last run is picked up, and what was changed at
+//! run time stays as it was changed.
+
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use udm_drivers::backend_spec::BackendSpec;
+use udm_drivers::units::parse_size;
+use udm_mapping::registry::validate_name;
+use udm_mapping::table_text::parse_table_text;
 
+use super::state::StateFile;
 use crate::control::socket_file::{SocketAccess, SocketMode};
 use crate::vhost_blk::ExportConfig;
 
@@ -52,6 +72,9 @@ pub struct Config {
     /// Control socket group (name or number; default: udm's group).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_group: Option<String>,
+    /// State file (default: `udm-state.json` beside the control socket).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<PathBuf>,
     /// Backends by name and specification (`null:1G`, `mem:64M`, `file:/path`).
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
@@ -59,7 +82,7 @@ pub struct Config {
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,
     /// Snapshots to take once the devices exist.
-    #[serde(default, rename = "snapshot")]
+    #[serde(default, rename = "snapshot", skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<SnapshotConfig>,
     /// vhost-user-blk exports.
     #[serde(default, rename = "export")]
@@ -82,11 +105,26 @@ pub struct BackendConfig {
 pub struct DeviceConfig {
     /// Its name.
     pub name: String,
-    /// The table, in dmsetup's format (several lines allowed).
+    /// The live table, in dmsetup's format (several lines allowed; empty: created
+    /// without a table).
+    #[serde(default)]
     pub table: String,
     /// Optional UUID.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uuid: Option<String>,
+    /// A table loaded and not resumed (`dmsetup load` without `resume`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inactive_table: Option<String>,
+    /// Left suspended once everything is set up.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspended: bool,
+}
+
+impl DeviceConfig {
+    /// A device with a live table only.
+    pub fn new(name: &str, table: &str) -> Self {
+        DeviceConfig { name: name.into(), table: table.into(), uuid: None, inactive_table: None, suspended: false }
+    }
 }
 
 /// One snapshot (LVM style: `<origin>-real`, `<name>-cow` are created too).
@@ -167,8 +205,9 @@ impl Config {
             control: default_control(),
             control_mode: None,
             control_group: None,
+            state: None,
             backends: vec![BackendConfig { name: "ram0".into(), spec: "mem:1G".into() }],
-            devices: vec![DeviceConfig { name: "vol0".into(), table: "0 2097152 linear ram0 0".into(), uuid: None }],
+            devices: vec![DeviceConfig::new("vol0", "0 2097152 linear ram0 0")],
             snapshots: vec![],
             exports: vec![ExportConfig {
                 name: "vol0".into(),
@@ -185,6 +224,174 @@ impl Config {
                 socket_group: None,
             }],
         }
+    }
+}
+
+impl Config {
+    /// The state file's path: `state`, or `udm-state.json` beside the control socket.
+    pub fn state_path(&self) -> PathBuf {
+        self.state.clone().unwrap_or_else(|| super::state::default_path(&self.control))
+    }
+
+    /// What `state` holds, as a udm.toml that recreates it (`udm config save`): the
+    /// devices as their tables, snapshots included (a `snapshot` table over a COW that
+    /// holds a store re-attaches it). Control settings are taken from `self`.
+    pub fn from_state(&self, state: &StateFile) -> Config {
+        let mut out = Config {
+            backends: Vec::new(),
+            devices: Vec::new(),
+            snapshots: Vec::new(),
+            exports: Vec::new(),
+            ..self.clone()
+        };
+        out.backends = state
+            .backends
+            .iter()
+            .map(|b| BackendConfig { name: b.name.clone(), spec: b.spec.clone().unwrap_or_default() })
+            .collect();
+        out.devices = state
+            .devices
+            .iter()
+            .map(|d| DeviceConfig {
+                name: d.name.clone(),
+                table: d.table.clone().unwrap_or_default(),
+                uuid: d.uuid.clone(),
+                inactive_table: d.inactive_table.clone(),
+                suspended: d.suspended,
+            })
+            .collect();
+        out.exports.clone_from(&state.exports);
+        out
+    }
+
+    /// The declarations for objects `state` does not hold (by name; a snapshot counts as
+    /// held when a device of its name is).
+    pub fn missing_from(&self, state: &StateFile) -> Config {
+        let held: BTreeSet<&str> = state
+            .backends
+            .iter()
+            .map(|b| b.name.as_str())
+            .chain(state.devices.iter().map(|d| d.name.as_str()))
+            .collect();
+        let exported: BTreeSet<&str> = state.exports.iter().map(|e| e.name.as_str()).collect();
+        let mut out = self.clone();
+        out.backends.retain(|b| !held.contains(b.name.as_str()));
+        out.devices.retain(|d| !held.contains(d.name.as_str()));
+        out.snapshots.retain(|s| !held.contains(s.name.as_str()));
+        out.exports.retain(|e| !exported.contains(e.name.as_str()));
+        out
+    }
+
+    /// The file's text.
+    pub fn to_toml(&self) -> Result<String, String> {
+        toml::to_string_pretty(self).map_err(|e| format!("cannot write the configuration as TOML: {e}"))
+    }
+
+    /// Structural problems (nothing is opened or applied): names valid and unique,
+    /// backend specs and tables that parse, devices named by tables, snapshots and
+    /// exports declared before use (in the order `udm serve` sets them up).
+    pub fn check(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut known: BTreeSet<String> = BTreeSet::new();
+        let claim = |what: &str, name: &str, problems: &mut Vec<String>, known: &mut BTreeSet<String>| {
+            if let Err(e) = validate_name(name) {
+                problems.push(format!("{what} `{name}`: {e}"));
+            }
+            if !known.insert(name.to_string()) {
+                problems.push(format!("{what} `{name}`: the name is already used by another backend or device"));
+            }
+        };
+        for b in &self.backends {
+            claim("backend", &b.name, &mut problems, &mut known);
+            if let Err(e) = BackendSpec::parse(&b.spec) {
+                problems.push(format!("backend `{}`: spec `{}`: {e}", b.name, b.spec));
+            }
+        }
+        let check_table =
+            |owner: &str, which: &str, text: &str, known: &BTreeSet<String>, problems: &mut Vec<String>| {
+                match parse_table_text(text) {
+                    Err(e) => problems.push(format!("device `{owner}`: {which}: {e}")),
+                    Ok(lines) => {
+                        for line in lines {
+                            for dev in device_args(&line.target, &line.args) {
+                                if !known.contains(dev) {
+                                    problems.push(format!(
+                                    "device `{owner}`: {which} line {} ({}) uses `{dev}`, which is not a backend or \
+                                     device declared before it",
+                                    line.line, line.target
+                                ));
+                                }
+                            }
+                        }
+                    }
+                }
+            };
+        for d in &self.devices {
+            if !d.table.trim().is_empty() {
+                check_table(&d.name, "table", &d.table, &known, &mut problems);
+            }
+            claim("device", &d.name, &mut problems, &mut known);
+        }
+        for d in &self.devices {
+            if let Some(t) = &d.inactive_table {
+                check_table(&d.name, "inactive_table", t, &known, &mut problems);
+            }
+        }
+        let mut exportable = known.clone();
+        for s in &self.snapshots {
+            if !known.contains(&s.origin) {
+                problems.push(format!("snapshot `{}`: origin `{}` is not a declared device", s.name, s.origin));
+            }
+            match parse_size(&s.chunk) {
+                Ok(b) if b % 512 == 0 && (8..=1024).contains(&(b / 512)) && (b / 512).is_power_of_two() => {}
+                _ => problems
+                    .push(format!("snapshot `{}`: chunk `{}`: use a power of two from 4k to 512k", s.name, s.chunk)),
+            }
+            let cow_ok = BackendSpec::parse(&s.cow).is_ok() || parse_size(&s.cow).is_ok() || known.contains(&s.cow);
+            if !cow_ok {
+                problems.push(format!(
+                    "snapshot `{}`: cow `{}` is not a backend spec, a size or a declared device",
+                    s.name, s.cow
+                ));
+            }
+            for n in [s.name.clone(), format!("{}-cow", s.name)] {
+                claim("snapshot", &n, &mut problems, &mut exportable);
+            }
+        }
+        let mut export_names = BTreeSet::new();
+        let mut sockets = BTreeSet::new();
+        for e in &self.exports {
+            if !export_names.insert(e.name.as_str()) {
+                problems.push(format!("export `{}`: the name is used by another export", e.name));
+            }
+            if !sockets.insert(e.socket.clone()) {
+                problems.push(format!("export `{}`: socket {} is used by another export", e.name, e.socket.display()));
+            }
+            if !exportable.contains(&e.device) {
+                problems.push(format!("export `{}`: device `{}` is not declared", e.name, e.device));
+            }
+            if e.num_queues == 0 || e.num_queues > 64 {
+                problems.push(format!("export `{}`: num_queues {} is out of range: use 1 to 64", e.name, e.num_queues));
+            }
+            if !e.queue_size.is_power_of_two() || !(2..=1024).contains(&e.queue_size) {
+                problems.push(format!(
+                    "export `{}`: queue_size {} must be a power of two from 2 to 1024",
+                    e.name, e.queue_size
+                ));
+            }
+        }
+        problems
+    }
+}
+
+/// The arguments of a table line that name devices, for the target types udm has.
+fn device_args<'a>(target: &str, args: &'a [String]) -> Vec<&'a str> {
+    match target {
+        "linear" | "snapshot-origin" => args.first().map(String::as_str).into_iter().collect(),
+        "snapshot" | "snapshot-merge" => args.iter().take(2).map(String::as_str).collect(),
+        // striped <stripes> <chunk> (<dev> <offset>)...
+        "striped" => args.iter().skip(2).step_by(2).map(String::as_str).collect(),
+        _ => Vec::new(),
     }
 }
 

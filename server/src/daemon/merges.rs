@@ -13,7 +13,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -24,28 +24,48 @@ use udm_mapping::snapshot_ops;
 /// of a small COW finishes in well under a second, so poll faster).
 const POLL: Duration = Duration::from_millis(200);
 
+/// What to do once a merge is finished (the daemon saves its state).
+pub type OnFinished = Box<dyn Fn() + Send + Sync>;
+
 /// The poller thread; dropping it stops the thread.
 pub struct MergeFinisher {
     stop: Option<Sender<()>>,
     thread: Option<JoinHandle<()>>,
+    on_finished: Arc<Mutex<Option<OnFinished>>>,
 }
 
 impl MergeFinisher {
-    /// Starts polling `registry` (held weakly: the poller never keeps it alive).
-    pub fn start(registry: Weak<Registry>) -> Self {
+    /// Starts polling `registry` (held weakly: the poller never keeps it alive). Each
+    /// finish holds `composite` shared (see `Daemon::save_state`).
+    pub fn start(registry: Weak<Registry>, composite: Arc<RwLock<()>>) -> Self {
         let (stop, stopped) = mpsc::channel::<()>();
+        let on_finished: Arc<Mutex<Option<OnFinished>>> = Arc::default();
+        let hook = Arc::clone(&on_finished);
         let thread = std::thread::Builder::new()
             .name("udm-merge-poll".into())
             .spawn(move || {
                 let mut failing = BTreeSet::new();
                 while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(POLL) {
                     let Some(reg) = registry.upgrade() else { return };
-                    finish_completed(&reg, &mut failing);
+                    let finished = {
+                        let _step = composite.read().unwrap_or_else(|e| e.into_inner());
+                        finish_completed(&reg, &mut failing)
+                    };
+                    if finished > 0 {
+                        if let Some(f) = &*hook.lock().unwrap_or_else(|e| e.into_inner()) {
+                            f();
+                        }
+                    }
                 }
             })
             .map_err(|e| tracing::error!("cannot start the merge poller: merges will not finish by themselves: {e}"))
             .ok();
-        MergeFinisher { stop: Some(stop), thread }
+        MergeFinisher { stop: Some(stop), thread, on_finished }
+    }
+
+    /// Calls `f` after each poll that finished a merge.
+    pub fn on_finished(&self, f: OnFinished) {
+        *self.on_finished.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
     }
 }
 
@@ -58,9 +78,10 @@ impl Drop for MergeFinisher {
     }
 }
 
-/// Finishes every merge that is complete. `failing` holds the origins whose finish
-/// failed, so each failure is logged once, not at every poll.
-fn finish_completed(reg: &Arc<Registry>, failing: &mut BTreeSet<String>) {
+/// Finishes every merge that is complete; returns how many. `failing` holds the origins
+/// whose finish failed, so each failure is logged once, not at every poll.
+fn finish_completed(reg: &Arc<Registry>, failing: &mut BTreeSet<String>) -> usize {
+    let mut finished = 0;
     for merge in snapshot_ops::list(reg).into_iter().filter(|s| s.merging) {
         // Only LVM-shaped stacks (as `udm snapshot create` builds them): merges set up
         // by hand with `udm dm` tables are left for their owner to finish.
@@ -75,6 +96,7 @@ fn finish_completed(reg: &Arc<Registry>, failing: &mut BTreeSet<String>) {
         }
         match snapshot_ops::finish_merge(reg, &merge.origin) {
             Ok(()) => {
+                finished += 1;
                 failing.remove(&merge.origin);
                 tracing::info!("snapshot {} is merged into {} and removed", merge.name, merge.origin);
             }
@@ -89,4 +111,5 @@ fn finish_completed(reg: &Arc<Registry>, failing: &mut BTreeSet<String>) {
             }
         }
     }
+    finished
 }

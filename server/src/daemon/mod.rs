@@ -9,10 +9,13 @@
 
 pub mod config;
 pub mod merges;
+pub mod persist;
 pub mod reports;
+pub mod state;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use udm_drivers::backend_spec::open_backend;
@@ -25,6 +28,7 @@ use udm_mapping::MappingError;
 use crate::vhost_blk::{Export, ExportConfig, ExportError, ExportInfo};
 use config::Config;
 use merges::MergeFinisher;
+use persist::{Problem, Recording};
 pub use reports::{BackendReport, DeviceInfoReport, ExportStats, SnapshotReport};
 
 /// What `snapshot create` may do with a COW that already holds something.
@@ -86,6 +90,9 @@ pub enum DaemonError {
 
 struct ExportEntry {
     export: Export,
+    /// The configuration as asked for (before defaults such as the daemon's CPUs were
+    /// filled in), which the state file records.
+    requested: ExportConfig,
     /// Keeps the device open (so `dm remove` refuses it) while exported, and says which
     /// device it is whatever its name is now.
     open: OpenDevice,
@@ -136,22 +143,70 @@ pub struct Daemon {
     /// The spec each backend added through the daemon was opened from, by name.
     backend_specs: Mutex<BTreeMap<String, String>>,
     cpus: Vec<usize>,
+    /// Whether and where changes are written (see [`persist`]).
+    recording: Mutex<Recording>,
+    /// Held shared by operations made of several registry steps (snapshot create,
+    /// remove, merge and a merge's finish) and exclusively while the state is captured,
+    /// so the state file never records one half done.
+    composite: Arc<RwLock<()>>,
+    /// Devices that came back from the state file as `error` devices, and why.
+    problems: Mutex<BTreeMap<DeviceId, Problem>>,
+    /// Exports from the state file that could not start, with why; kept in the state
+    /// until added again or removed.
+    failed_exports: Mutex<BTreeMap<String, (ExportConfig, String)>>,
     /// Finishes completed snapshot merges in the background.
-    _merges: MergeFinisher,
+    merges: MergeFinisher,
 }
 
 impl Daemon {
     /// An empty daemon; exports without their own CPU list spread queues over `cpus`.
     pub fn new(cpus: Vec<usize>) -> Self {
         let registry = Arc::new(Registry::new());
-        let merges = MergeFinisher::start(Arc::downgrade(&registry));
+        let composite = Arc::new(RwLock::new(()));
+        let merges = MergeFinisher::start(Arc::downgrade(&registry), Arc::clone(&composite));
         Daemon {
             registry,
             exports: Mutex::new(Exports::default()),
             backend_specs: Mutex::new(BTreeMap::new()),
             cpus,
-            _merges: merges,
+            recording: Mutex::new(Recording::Off),
+            composite,
+            problems: Mutex::new(BTreeMap::new()),
+            failed_exports: Mutex::new(BTreeMap::new()),
+            merges,
         }
+    }
+
+    /// Records every change in the state file at `path` from now on, merges finished in
+    /// the background too; writes the state once now.
+    pub fn record_to(self: &Arc<Self>, path: PathBuf) -> Result<(), state::StateError> {
+        self.set_recording(Recording::On(path));
+        let daemon = Arc::downgrade(self);
+        self.merges.on_finished(Box::new(move || {
+            if let Some(d) = daemon.upgrade() {
+                if let Err(e) = d.save_state() {
+                    tracing::error!("a finished merge is in effect but not saved: {e}");
+                }
+            }
+        }));
+        self.save_state()
+    }
+
+    fn recording(&self) -> MutexGuard<'_, Recording> {
+        self.recording.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn problems(&self) -> MutexGuard<'_, BTreeMap<DeviceId, Problem>> {
+        self.problems.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn failed_exports(&self) -> MutexGuard<'_, BTreeMap<String, (ExportConfig, String)>> {
+        self.failed_exports.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Shared hold of [`Daemon::composite`] for an operation of several steps.
+    fn composite_step(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.composite.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The registry.
@@ -173,7 +228,13 @@ impl Daemon {
             self.backend_add(&b.name, &b.spec)?;
         }
         for d in &config.devices {
-            self.registry.create(&d.name, d.uuid.as_deref(), Some(&d.table))?;
+            let table = Some(d.table.as_str()).filter(|t| !t.trim().is_empty());
+            self.registry.create(&d.name, d.uuid.as_deref(), table)?;
+        }
+        for d in &config.devices {
+            if let Some(t) = &d.inactive_table {
+                self.registry.load(&d.name, t)?;
+            }
         }
         // A declared snapshot is re-attached from its COW when it holds a valid store (a
         // blank one is initialised, anything else refused unless `reinit`). One whose
@@ -196,6 +257,10 @@ impl Daemon {
         }
         for e in &config.exports {
             self.export_add(e.clone())?;
+        }
+        // Last: a suspended device holds the I/O that setting up what is above it makes.
+        for d in config.devices.iter().filter(|d| d.suspended) {
+            self.registry.suspend(&d.name, SuspendFlags { noflush: true })?;
         }
         Ok(())
     }
@@ -281,13 +346,15 @@ impl Daemon {
         if exports.removing.contains_key(&config.name) {
             return Err(DaemonError::ExportBeingRemoved(config.name));
         }
+        let requested = config.clone();
         if config.cpus.is_empty() {
             config.cpus = self.cpus.clone();
         }
         let open = self.registry.open(&config.device)?;
         let export = Export::start(config.clone(), Arc::clone(open.device()))?;
         let info = export.info();
-        exports.running.insert(config.name, ExportEntry { export, open });
+        self.failed_exports().remove(&config.name);
+        exports.running.insert(config.name, ExportEntry { export, requested, open });
         Ok(info)
     }
 
@@ -301,6 +368,8 @@ impl Daemon {
                 None if exports.removing.contains_key(name) => {
                     return Err(DaemonError::ExportBeingRemoved(name.into()))
                 }
+                // One that could not start again after a restart: forgetting it is all.
+                None if self.failed_exports().remove(name).is_some() => return Ok(()),
                 None => return Err(DaemonError::NoSuchExport(name.into())),
             }
         };
@@ -397,7 +466,14 @@ impl Daemon {
     /// `dmsetup info` for one device or every one.
     pub fn dm_info(&self, name: Option<&str>) -> Result<Vec<DeviceInfoReport>, DaemonError> {
         let names = self.names(name)?;
-        names.iter().map(|n| Ok(DeviceInfoReport::from(self.registry.info(n)?))).collect()
+        names
+            .iter()
+            .map(|n| {
+                let mut report = DeviceInfoReport::from(self.registry.info(n)?);
+                report.problem = self.problem(n);
+                Ok(report)
+            })
+            .collect()
     }
 
     /// `dmsetup table` / `status` for one device or every mapped one: (name, text).
@@ -434,7 +510,13 @@ impl Daemon {
             .registry
             .ls()
             .into_iter()
-            .map(|(n, k)| serde_json::json!({"name": n, "kind": reports::kind_name(k)}))
+            .map(|(n, k)| {
+                let mut row = serde_json::json!({"name": n, "kind": reports::kind_name(k)});
+                if let Some(problem) = self.problem(&n) {
+                    row["problem"] = serde_json::Value::String(problem);
+                }
+                row
+            })
             .collect();
         Ok(serde_json::Value::Array(list))
     }
@@ -483,19 +565,29 @@ impl Daemon {
             persistent: true,
             existing,
         };
-        let created = snapshot_ops::create(&self.registry, origin, name, &opts)?;
+        let created = {
+            let _step = self.composite_step();
+            snapshot_ops::create(&self.registry, origin, name, &opts)?
+        };
+        // A COW opened from a spec is a backend too: record where it came from so the
+        // state file can open it again.
+        if let CowSource::Backend(spec) = &opts.cow {
+            self.backend_specs().insert(format!("{name}-cowdev"), spec.clone());
+        }
         self.refresh_sizes();
         Ok(created)
     }
 
     /// `udm snapshot remove`.
     pub fn snapshot_remove(&self, name: &str) -> Result<(), DaemonError> {
+        let _step = self.composite_step();
         snapshot_ops::remove(&self.registry, name)?;
         Ok(())
     }
 
     /// `udm snapshot merge`.
     pub fn snapshot_merge(&self, name: &str) -> Result<(), DaemonError> {
+        let _step = self.composite_step();
         snapshot_ops::merge(&self.registry, name)?;
         Ok(())
     }

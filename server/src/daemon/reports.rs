@@ -38,6 +38,10 @@ pub struct DeviceInfoReport {
     pub sectors: u64,
     /// Event counter.
     pub event_nr: u64,
+    /// Why the device came back from the state file as an `error` device (what it was
+    /// is kept in the state until it is given another table or removed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 impl From<DeviceReport> for DeviceInfoReport {
@@ -56,6 +60,7 @@ impl From<DeviceReport> for DeviceInfoReport {
             targets: r.target_count,
             sectors: r.sectors,
             event_nr: r.event_nr,
+            problem: None,
         }
     }
 }

@@ -1,9 +1,13 @@
 //! `udm serve`: runs the daemon until SIGINT or SIGTERM.
 //!
 //! Start-up: the config file (or the embedded default: a 1 GiB RAM volume `vol0`
-//! exported at `./vol0.sock`), the control socket first (a second daemon in the same
-//! place is refused there, naming the first one's pid, and touches nothing), then the
-//! devices and exports, then how to attach each export.
+//! exported at `./vol0.sock`) and the state file (a corrupt one, or one from a newer
+//! udm, is refused before anything is touched), the control socket (a second daemon in
+//! the same place is refused there, naming the first one's pid, and touches nothing),
+//! then the state is rebuilt (see `udm_server::daemon::persist`) and the config's
+//! declarations for objects the state does not hold are applied (without a state file:
+//! all of them), then the state is written (never before the start has succeeded, so a
+//! failed start leaves the old file as it was), then how to attach each export.
 //! Shutdown: stop accepting control clients, stop each export after draining its queues,
 //! flush every device, exit 0.
 
@@ -19,6 +23,8 @@ use udm_server::control::socket_file::SocketMode;
 use udm_server::control::ControlServer;
 use udm_server::cpu::parse_cpu_list;
 use udm_server::daemon::config::Config;
+use udm_server::daemon::persist::Recording;
+use udm_server::daemon::state::StateFile;
 use udm_server::daemon::Daemon;
 use udm_server::vhost_blk::{ExportInfo, PollMode};
 
@@ -42,6 +48,11 @@ pub struct ServeArgs {
     /// Control socket group, name or number (overrides the config's `control_group`).
     #[arg(long)]
     pub control_group: Option<String>,
+    /// State file, where every change is recorded and from which a restart rebuilds
+    /// everything (default: udm-state.json beside the control socket; overrides the
+    /// config's `state`).
+    #[arg(long)]
+    pub state: Option<PathBuf>,
     /// Busy-poll every export's queues (lowest latency, one core per queue) instead of
     /// sleeping on guest kicks; applies to exports of the embedded default and config.
     #[arg(long)]
@@ -90,6 +101,24 @@ fn run(args: ServeArgs) -> Result<(), String> {
     if args.control_group.is_some() {
         config.control_group.clone_from(&args.control_group);
     }
+    if args.state.is_some() {
+        config.state.clone_from(&args.state);
+    }
+    let state_path = config.state_path();
+    let saved = StateFile::load(&state_path).map_err(|e| e.to_string())?;
+    if let Some(state) = &saved {
+        // The state is the truth; only declarations it does not hold are applied, and
+        // the embedded default volume is not (it would come back after removal).
+        config = match &args.config {
+            Some(_) => config.missing_from(state),
+            None => Config { backends: vec![], devices: vec![], snapshots: vec![], exports: vec![], ..config },
+        };
+    }
+    let setting_up = match (&args.config, &saved) {
+        (Some(p), _) => p.display().to_string(),
+        (None, Some(_)) => format!("the state in {}", state_path.display()),
+        (None, None) => "the default volume".into(),
+    };
     if args.busy_poll {
         for e in &mut config.exports {
             e.poll = PollMode::Busy;
@@ -98,15 +127,30 @@ fn run(args: ServeArgs) -> Result<(), String> {
     // Register the handlers before any thread starts, so every thread inherits them.
     let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(|e| format!("cannot handle signals: {e}"))?;
     let daemon = Arc::new(Daemon::new(cpus));
+    daemon.set_recording(Recording::Starting);
     let control = ControlServer::start(&config.control, &config.control_access(), Arc::clone(&daemon))
         .map_err(|e| format!("control socket: {e}"))?;
-    if let Err(e) = daemon.apply(&config) {
+    if let Some(state) = &saved {
+        let report = daemon.restore(state);
+        println!(
+            "state {}: {} object(s) restored, {} with problems",
+            absolute(&state_path).display(),
+            report.restored,
+            report.problems.len()
+        );
+        for p in &report.problems {
+            println!("  problem: {p}");
+        }
+    }
+    let applied = daemon.apply(&config).map_err(|e| e.to_string()).and_then(|()| {
+        daemon
+            .record_to(state_path.clone())
+            .map_err(|e| format!("{e} (the state file is needed to bring everything back after a restart)"))
+    });
+    if let Err(e) = applied {
         control.stop();
         daemon.shutdown();
-        return Err(format!(
-            "setting up {}: {e}",
-            args.config.as_deref().map_or("the default volume".into(), |p| p.display().to_string())
-        ));
+        return Err(format!("setting up {setting_up}: {e}; the state file {} is left as it was", state_path.display()));
     }
     println!("udm serving; control socket {}", absolute(&config.control).display());
     for e in daemon.export_ls() {
