@@ -24,14 +24,14 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use udm_tests::udm_process::{udm_binary, UdmProcess};
-use udm_tests::verified_client::{Corruption, Progress, VerifiedClient};
+use udm_tests::verified_client::{Corruption, Progress, VerifiedClient, QUEUE_DEPTH};
 
 /// The state file's name when `--state` is not given (beside the control socket).
 const STATE_FILE: &str = "udm-state.json";
@@ -41,6 +41,8 @@ const STATE_FILE: &str = "udm-state.json";
 const MERGE_STALL_AFTER: u64 = 2;
 /// Blocks each verified client works on (4 MiB).
 const CLIENT_BLOCKS: u64 = 1024;
+/// Kills with the clients' writes and control changes in flight.
+const KILL_ROUNDS: usize = 8;
 /// Completions each client must make after a restart to show it carried on.
 const PROGRESS_AFTER_RESTART: u64 = 200;
 
@@ -137,14 +139,11 @@ struct Reports {
     exports: BTreeMap<String, String>,
 }
 
-/// The device the control-change thread works on: checked on its own.
-const CHURN: &str = "churn";
-
 fn by_name(rows: &Value, value: impl Fn(&Value) -> String) -> BTreeMap<String, String> {
     rows.as_array()
         .expect("a list")
         .iter()
-        .filter(|r| r["name"] != CHURN)
+        .filter(|r| !is_churn(r["name"].as_str().unwrap_or("")))
         .map(|r| (r["name"].as_str().expect("a name").to_string(), value(r)))
         .collect()
 }
@@ -171,7 +170,7 @@ impl Reports {
                     format!("{} {} {} {}", c["device"], c["socket"], c["num_queues"], c["read_only"]),
                 )
             })
-            .filter(|(name, _)| name != CHURN)
+            .filter(|(name, _)| !is_churn(name))
             .collect();
         let snapshots = cli_json(dir, &["snapshot", "list"])
             .as_array()
@@ -180,7 +179,7 @@ impl Reports {
             .map(|s| (s["name"].as_str().expect("a name").to_string(), s.clone()))
             .collect();
         Reports {
-            tree: tree_without(&tree, CHURN),
+            tree: tree_without(&tree, is_churn),
             live: by_name(&cli_json(dir, &["dm", "table"]), text),
             inactive: by_name(&cli_json(dir, &["dm", "table", "--inactive"]), text),
             status: by_name(&cli_json(dir, &["dm", "status"]), text),
@@ -242,13 +241,13 @@ impl Reports {
     }
 }
 
-/// `tree` without the top-level entry `skip` and what it shows below it.
-fn tree_without(tree: &str, skip: &str) -> String {
+/// `tree` without the top-level entries `skip` picks and what they show below them.
+fn tree_without(tree: &str, skip: impl Fn(&str) -> bool) -> String {
     let mut out = String::new();
     let mut skipping = false;
     for line in tree.lines() {
         if !line.starts_with(['|', '`', ' ']) {
-            skipping = line.trim() == skip;
+            skipping = skip(line.trim());
         }
         if !skipping {
             out.push_str(line);
@@ -262,9 +261,17 @@ fn tree_without(tree: &str, skip: &str) -> String {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Allocation {
     Same,
+    /// Its origin was written meanwhile: exceptions were added. The count taken before
+    /// may also include exceptions of writes then in flight, which a kill may have cut
+    /// before their commit (their writes were never acknowledged; the snapshot's
+    /// contents, checked at the end, tell whether any acknowledged one went missing).
     MayGrow,
     MayShrink,
 }
+
+/// Sectors of the exceptions a kill may take back: one 4k chunk per write the origin's
+/// client had in flight, plus a metadata chunk.
+const UNCOMMITTED_SLACK: u64 = (QUEUE_DEPTH as u64 + 1) * 8;
 
 /// The merge's devices (`mvol`, `msnap` and their parts) may shrink; the other
 /// snapshot grows while its origin's client writes.
@@ -318,7 +325,9 @@ fn same_allocation(was: &str, now: &str, rule: Allocation) -> Result<(), String>
     match rule {
         _ if wt != nt => Err(format!("total {wt} became {nt}")),
         Allocation::Same => Err(format!("allocated {wa} became {na} with no write in between")),
-        Allocation::MayGrow if na < wa => Err(format!("allocated shrank from {wa} to {na}: exceptions were lost")),
+        Allocation::MayGrow if na + UNCOMMITTED_SLACK < wa => {
+            Err(format!("allocated shrank from {wa} to {na}: more exceptions lost than writes were in flight"))
+        }
         Allocation::MayShrink if na > wa => Err(format!("allocated grew from {wa} to {na} during a merge")),
         _ => Ok(()),
     }
@@ -414,14 +423,29 @@ impl Workload {
 }
 
 // ---------------------------------------------------------------------------------
-// The control-change thread: one device taken through a cycle of changes.
+// Control-change threads: each takes its own device through a cycle of changes.
 
-/// The churn device's tables: created with the first, the second loaded inactive.
-const CHURN_TABLES: [&str; 2] = ["0 2048 linear b 32768", "0 4096 linear b 32768"];
+/// A device the control-change threads work on: its name and its two tables (created
+/// with the first, the second loaded inactive). Two run at once, so changes also
+/// race each other for the state file.
+#[derive(Debug, Clone, Copy)]
+struct Churn {
+    name: &'static str,
+    tables: [&'static str; 2],
+}
+
+const CHURNS: [Churn; 2] = [
+    Churn { name: "churn", tables: ["0 2048 linear b 32768", "0 4096 linear b 32768"] },
+    Churn { name: "churn2", tables: ["0 2048 linear b 40960", "0 4096 linear b 40960"] },
+];
 /// Changes in a cycle.
 const CHURN_STEPS: usize = 7;
 
-/// The churn device as the daemon reports it.
+fn is_churn(name: &str) -> bool {
+    CHURNS.iter().any(|c| c.name == name)
+}
+
+/// A churn device as the daemon reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ChurnState {
     exists: bool,
@@ -435,38 +459,40 @@ impl ChurnState {
     fn absent() -> ChurnState {
         ChurnState { exists: false, live: String::new(), inactive: String::new(), suspended: false, exported: false }
     }
+}
 
-    /// After `done` changes of the cycle from an absent device.
-    fn after(done: usize) -> ChurnState {
-        let (t1, t2) = (CHURN_TABLES[0].to_string(), CHURN_TABLES[1].to_string());
-        let device = |live: &String, inactive: &str, suspended, exported| ChurnState {
+impl Churn {
+    /// The state after `done` changes of the cycle from an absent device.
+    fn after(&self, done: usize) -> ChurnState {
+        let [t1, t2] = self.tables;
+        let device = |live: &str, inactive: &str, suspended, exported| ChurnState {
             exists: true,
-            live: live.clone(),
+            live: live.into(),
             inactive: inactive.into(),
             suspended,
             exported,
         };
         match done % CHURN_STEPS {
             0 => ChurnState::absent(),
-            1 => device(&t1, "", false, false),
-            2 => device(&t1, &t2, false, false),
-            3 => device(&t1, &t2, true, false),
-            4 | 6 => device(&t2, "", false, false),
-            _ => device(&t2, "", false, true),
+            1 => device(t1, "", false, false),
+            2 => device(t1, t2, false, false),
+            3 => device(t1, t2, true, false),
+            4 | 6 => device(t2, "", false, false),
+            _ => device(t2, "", false, true),
         }
     }
 
-    fn observe(dir: &Path) -> ChurnState {
-        let exported =
-            cli_json(dir, &["export", "ls"]).as_array().unwrap().iter().any(|e| e["config"]["name"] == CHURN);
-        let info = cli(dir, &["dm", "info", CHURN, "--json"]);
+    fn observe(&self, dir: &Path) -> ChurnState {
+        let name = self.name;
+        let exported = cli_json(dir, &["export", "ls"]).as_array().unwrap().iter().any(|e| e["config"]["name"] == name);
+        let info = cli(dir, &["dm", "info", name, "--json"]);
         if !info.status.success() {
             return ChurnState { exported, ..ChurnState::absent() };
         }
         let info: Value = serde_json::from_slice(&info.stdout).expect("dm info prints JSON");
         let info = if info.is_array() { info[0].clone() } else { info };
         let table = |inactive: bool| {
-            let mut args = vec!["dm", "table", CHURN];
+            let mut args = vec!["dm", "table", name];
             if inactive {
                 args.push("--inactive");
             }
@@ -481,20 +507,62 @@ impl ChurnState {
             exported,
         }
     }
-}
 
-/// The CLI arguments of change number `step` of the cycle.
-fn churn_step(step: usize, socket: &str) -> Vec<String> {
-    let args: Vec<&str> = match step % CHURN_STEPS {
-        0 => vec!["dm", "create", CHURN, "--table", CHURN_TABLES[0]],
-        1 => vec!["dm", "load", CHURN, "--table", CHURN_TABLES[1]],
-        2 => vec!["dm", "suspend", CHURN],
-        3 => vec!["dm", "resume", CHURN],
-        4 => vec!["export", "add", CHURN, "--socket", socket],
-        5 => vec!["export", "remove", CHURN],
-        _ => vec!["dm", "remove", CHURN],
-    };
-    args.into_iter().map(String::from).collect()
+    fn socket(&self, dir: &Path) -> String {
+        dir.join(format!("{}.sock", self.name)).display().to_string()
+    }
+
+    /// The CLI arguments of change number `step` of the cycle.
+    fn step(&self, step: usize, dir: &Path) -> Vec<String> {
+        let name = self.name;
+        let socket = self.socket(dir);
+        let args: Vec<&str> = match step % CHURN_STEPS {
+            0 => vec!["dm", "create", name, "--table", self.tables[0]],
+            1 => vec!["dm", "load", name, "--table", self.tables[1]],
+            2 => vec!["dm", "suspend", name],
+            3 => vec!["dm", "resume", name],
+            4 => vec!["export", "add", name, "--socket", &socket],
+            5 => vec!["export", "remove", name],
+            _ => vec!["dm", "remove", name],
+        };
+        args.into_iter().map(String::from).collect()
+    }
+
+    /// Applies the cycle's changes one after another until one fails (the daemon is
+    /// killed meanwhile), counting those whose reply said ok.
+    fn spawn(self, dir: &Path, killed: &Arc<AtomicBool>) -> JoinHandle<ChurnEnd> {
+        let (dir, killed) = (dir.to_path_buf(), Arc::clone(killed));
+        std::thread::spawn(move || {
+            let mut done = 0;
+            loop {
+                let args = self.step(done, &dir);
+                let out = cli(&dir, &args.iter().map(String::as_str).collect::<Vec<_>>());
+                if !out.status.success() {
+                    return ChurnEnd {
+                        acknowledged: done,
+                        error: format!("udm {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim()),
+                        after_kill: killed.load(Ordering::Acquire),
+                    };
+                }
+                done += 1;
+            }
+        })
+    }
+
+    /// Takes the device back to absent, whatever state it came back in.
+    fn remove(&self, dir: &Path) {
+        let state = self.observe(dir);
+        if state.exported {
+            cli_ok(dir, &["export", "remove", self.name]);
+        }
+        if state.exists {
+            if state.suspended {
+                cli_ok(dir, &["dm", "resume", self.name]);
+            }
+            cli_ok(dir, &["dm", "remove", self.name]);
+        }
+        assert_eq!(self.observe(dir), ChurnState::absent(), "{} after its removal", self.name);
+    }
 }
 
 /// How a control-change thread ended: the changes acknowledged, and the error of the
@@ -503,44 +571,6 @@ struct ChurnEnd {
     acknowledged: usize,
     error: String,
     after_kill: bool,
-}
-
-/// Applies the cycle's changes one after another until one fails (the daemon is
-/// killed meanwhile); `acknowledged` counts those whose reply said ok.
-fn spawn_churn(dir: &Path, killed: &Arc<AtomicBool>, acknowledged: &Arc<AtomicUsize>) -> JoinHandle<ChurnEnd> {
-    let (dir, killed, acknowledged) = (dir.to_path_buf(), Arc::clone(killed), Arc::clone(acknowledged));
-    let socket = dir.join(format!("{CHURN}.sock")).display().to_string();
-    std::thread::spawn(move || {
-        let mut done = 0;
-        loop {
-            let args = churn_step(done, &socket);
-            let out = cli(&dir, &args.iter().map(String::as_str).collect::<Vec<_>>());
-            if !out.status.success() {
-                return ChurnEnd {
-                    acknowledged: done,
-                    error: format!("udm {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim()),
-                    after_kill: killed.load(Ordering::Acquire),
-                };
-            }
-            done += 1;
-            acknowledged.store(done, Ordering::Release);
-        }
-    })
-}
-
-/// Takes the churn device back to absent, whatever state it came back in.
-fn remove_churn(dir: &Path) {
-    let state = ChurnState::observe(dir);
-    if state.exported {
-        cli_ok(dir, &["export", "remove", CHURN]);
-    }
-    if state.exists {
-        if state.suspended {
-            cli_ok(dir, &["dm", "resume", CHURN]);
-        }
-        cli_ok(dir, &["dm", "remove", CHURN]);
-    }
-    assert_eq!(ChurnState::observe(dir), ChurnState::absent());
 }
 
 // ---------------------------------------------------------------------------------
@@ -604,6 +634,23 @@ fn build_stack(dir: &Path) -> (UdmProcess, Vec<(String, VerifiedClient)>) {
     (udm, clients)
 }
 
+/// Once paused clients' connections are gone, a suspend and resume of each exported
+/// device drains what the daemon still had in flight for them, so the reports stop
+/// moving.
+fn settle(dir: &Path, exports: &[&str]) {
+    wait_until("the paused clients' connections to close", Duration::from_secs(20), || {
+        cli_json(dir, &["export", "ls"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| !exports.contains(&e["config"]["name"].as_str().unwrap_or("")) || e["connected"] == false)
+    });
+    for device in exports {
+        cli_ok(dir, &["dm", "suspend", device]);
+        cli_ok(dir, &["dm", "resume", device]);
+    }
+}
+
 fn snapshot(dir: &Path, name: &str) -> Option<Value> {
     cli_json(dir, &["snapshot", "list"]).as_array().unwrap().iter().find(|s| s["name"] == name).cloned()
 }
@@ -633,6 +680,7 @@ fn a_stack_built_through_the_cli_survives_sigkill_at_random_points() {
     // A kill with nothing in flight: every report is exactly what it was (but for the
     // merge, which resumes and moves on).
     let clients = workload.pause(&udm.log(), &seed);
+    settle(dir, &["stripe", "vol"]);
     let before = Reports::collect(dir);
     let merge_before = allocated(&snapshot(dir, "msnap").unwrap());
     udm.kill();
@@ -656,45 +704,52 @@ fn a_stack_built_through_the_cli_survives_sigkill_at_random_points() {
     // Kills at random points, with the clients' writes in flight and a control change
     // under way.
     let mut landed_mid_change = 0;
-    for round in 1..=4 {
+    for round in 1..=KILL_ROUNDS {
         let before = Reports::collect(dir);
         let connections = workload.connections();
         let killed = Arc::new(AtomicBool::new(false));
-        let acknowledged = Arc::new(AtomicUsize::new(0));
-        let churn = spawn_churn(dir, &killed, &acknowledged);
+        let churns: Vec<_> = CHURNS.iter().map(|c| (c, c.spawn(dir, &killed))).collect();
         std::thread::sleep(Duration::from_millis(rng.below(400)));
         killed.store(true, Ordering::Release);
-        let acked_at_kill = acknowledged.load(Ordering::Acquire);
         udm.kill();
         epoch.fetch_add(1, Ordering::Release);
-        let end = churn.join().expect("churn thread");
-        assert!(end.after_kill, "{seed}: round {round}: a control change failed with the daemon up: {}", end.error);
-        if end.acknowledged == acked_at_kill {
-            landed_mid_change += 1;
-        }
+        let ends: Vec<(&Churn, ChurnEnd)> =
+            churns.into_iter().map(|(c, t)| (c, t.join().expect("control-change thread"))).collect();
 
         udm = restart(dir);
         let after = Reports::collect(dir);
         let differences = after.differences(&before, true);
         assert!(differences.is_empty(), "{seed}: round {round}:\n{}\nlog:\n{}", differences.join("\n"), udm.log());
-        // The change in flight is there whole or not at all; every acknowledged one is.
-        let churn_state = ChurnState::observe(dir);
-        let (done, next) = (ChurnState::after(end.acknowledged), ChurnState::after(end.acknowledged + 1));
-        assert!(
-            churn_state == done || churn_state == next,
-            "{seed}: round {round}: after {} acknowledged changes ({}) the device is {churn_state:?}: \
-             neither {done:?} nor {next:?}",
-            end.acknowledged,
-            end.error
-        );
-        if churn_state.exported {
-            assert!(dir.join("churn.sock").exists(), "{seed}: the export came back without its socket");
+        for (churn, end) in &ends {
+            let name = churn.name;
+            assert!(end.after_kill, "{seed}: round {round}: a change failed with the daemon up: {}", end.error);
+            // A change the kill cut short fails on the connection it had (`control
+            // connection: ...`); one started after the kill cannot reach the daemon.
+            if !end.error.contains("cannot reach udm") {
+                landed_mid_change += 1;
+            }
+            // The change in flight is there whole or not at all; every acknowledged
+            // one is.
+            let state = churn.observe(dir);
+            let (done, next) = (churn.after(end.acknowledged), churn.after(end.acknowledged + 1));
+            assert!(
+                state == done || state == next,
+                "{seed}: round {round}: after {} acknowledged changes ({}) {name} is {state:?}: \
+                 neither {done:?} nor {next:?}",
+                end.acknowledged,
+                end.error
+            );
+            if state.exported {
+                assert!(Path::new(&churn.socket(dir)).exists(), "{seed}: export {name} came back without its socket");
+            }
+            eprintln!("round {round}: {name}: {} changes acknowledged, came back as {state:?}", end.acknowledged);
         }
         workload.wait_for_progress(&udm, Some(&connections), PROGRESS_AFTER_RESTART, &format!("round {round}"), &seed);
-        remove_churn(dir);
-        eprintln!("round {round}: {} changes acknowledged, device came back as {churn_state:?}", end.acknowledged);
+        for churn in &CHURNS {
+            churn.remove(dir);
+        }
     }
-    eprintln!("{landed_mid_change} of 4 kills landed while a change was in flight");
+    eprintln!("{landed_mid_change} of {} control changes were cut short by the kill", KILL_ROUNDS * CHURNS.len());
 
     // The last word: every block of both clients, and the snapshot still reads the
     // origin as it was when it was taken (all zeroes), its exceptions intact.
@@ -870,14 +925,23 @@ fn a_device_whose_backend_file_is_gone_comes_up_as_an_error_and_the_rest_start()
     std::fs::remove_file(dir.join("a.img")).unwrap();
     let udm = restart(dir);
     let ls = udm.cli_ok(&["dm", "ls"]);
+    let missing = ls_lines_about(&ls, "a");
+    assert!(
+        missing.to_lowercase().contains("error") && missing.contains(&dir.join("a.img").display().to_string()),
+        "`udm dm ls` does not show the missing backend `a` as an error naming its file:\n{ls}"
+    );
+    // The devices over it are in error too (every request fails): `dm ls` should say
+    // so on their own lines, or an operator reading it takes them for healthy. Checked
+    // last, so what follows is tested either way.
+    let mut unmarked = Vec::new();
     for device in ["da", "dab"] {
         let about = ls_lines_about(&ls, device);
         assert!(!about.is_empty(), "`udm dm ls` does not list {device} at all (nothing rebuilt):\n{ls}");
-        assert!(about.to_lowercase().contains("error"), "`udm dm ls` does not show {device} as an error:\n{ls}");
-        assert!(
-            about.contains("a.img") || about.contains("`a`") || about.contains("backend a"),
-            "`udm dm ls` gives no reason naming the missing backend for {device}:\n{ls}"
-        );
+        let marked = about.to_lowercase().contains("error")
+            && (about.contains("a.img") || about.contains("`a`") || about.contains("backend a"));
+        if !marked {
+            unmarked.push(device);
+        }
     }
     assert!(!ls_lines_about(&ls, "db").to_lowercase().contains("error"), "db is fine:\n{ls}");
     assert_eq!(udm.cli_ok(&["dm", "table", "db"]).trim(), "0 8192 linear b 0");
@@ -900,6 +964,10 @@ fn a_device_whose_backend_file_is_gone_comes_up_as_an_error_and_the_rest_start()
     for device in ["da", "dab"] {
         assert_eq!(udm.cli_json(&["dm", "info", device])[0]["state"], "ACTIVE", "{device} with its backend back");
     }
+    assert!(
+        unmarked.is_empty(),
+        "with backend `a` missing, `udm dm ls` showed {unmarked:?} (which use it) with no error and no reason:\n{ls}"
+    );
 }
 
 // ---------------------------------------------------------------------------------
@@ -934,6 +1002,7 @@ fn config_save_recreates_every_table_and_config_check_names_what_is_wrong() {
         Workload::start(vec![("vol".into(), VerifiedClient::new(&dir.join("vol.sock"), 5, 256, 0x5a))], &epoch);
     wait_until("writes to vol", Duration::from_secs(30), || workload.progress[0].writes.load(Ordering::Relaxed) >= 100);
     let mut clients = workload.pause(&udm.log(), "");
+    settle(&dir, &["vol"]);
 
     let saved = udm.cli_ok(&["config", "save"]);
     let tables = cli_json(&dir, &["dm", "table"]);
