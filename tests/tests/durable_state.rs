@@ -438,8 +438,9 @@ const CHURNS: [Churn; 2] = [
     Churn { name: "churn", tables: ["0 2048 linear b 32768", "0 4096 linear b 32768"] },
     Churn { name: "churn2", tables: ["0 2048 linear b 40960", "0 4096 linear b 40960"] },
 ];
-/// Changes in a cycle.
-const CHURN_STEPS: usize = 7;
+/// Changes in a cycle; any two states two changes apart differ, so a lost
+/// acknowledged change cannot pass for the one after it.
+const CHURN_STEPS: usize = 9;
 
 fn is_churn(name: &str) -> bool {
     CHURNS.iter().any(|c| c.name == name)
@@ -477,8 +478,10 @@ impl Churn {
             1 => device(t1, "", false, false),
             2 => device(t1, t2, false, false),
             3 => device(t1, t2, true, false),
-            4 | 6 => device(t2, "", false, false),
-            _ => device(t2, "", false, true),
+            4 | 8 => device(t2, "", false, false),
+            5 => device(t2, "", false, true),
+            6 => device(t2, t1, false, true),
+            _ => device(t2, t1, false, false),
         }
     }
 
@@ -522,7 +525,9 @@ impl Churn {
             2 => vec!["dm", "suspend", name],
             3 => vec!["dm", "resume", name],
             4 => vec!["export", "add", name, "--socket", &socket],
-            5 => vec!["export", "remove", name],
+            5 => vec!["dm", "load", name, "--table", self.tables[0]],
+            6 => vec!["export", "remove", name],
+            7 => vec!["dm", "clear", name],
             _ => vec!["dm", "remove", name],
         };
         args.into_iter().map(String::from).collect()
@@ -1051,5 +1056,14 @@ fn config_save_recreates_every_table_and_config_check_names_what_is_wrong() {
         let (ok, out) = config_check(&fresh, "broken.toml");
         assert!(!ok, "`udm config check` accepted {what}:\n{text}");
         assert!(out.contains(named), "`udm config check` on {what} does not name `{named}`: {out}");
+    }
+}
+
+#[test]
+fn churn_states_two_changes_apart_differ() {
+    for churn in CHURNS {
+        for done in 0..CHURN_STEPS {
+            assert_ne!(churn.after(done), churn.after(done + 2), "{} after {done} changes", churn.name);
+        }
     }
 }
