@@ -130,7 +130,9 @@ fn render_ls(v: &Value) -> String {
                 field(c, "num_queues"),
                 if c["read_only"].as_bool() == Some(true) { "ro" } else { "rw" }.into(),
                 field(c, "poll"),
-                if e["removing"].as_bool() == Some(true) {
+                if e["problem"].is_string() {
+                    "NOT RUNNING"
+                } else if e["removing"].as_bool() == Some(true) {
                     "removing"
                 } else if e["connected"].as_bool() == Some(true) {
                     "yes"
@@ -142,5 +144,12 @@ fn render_ls(v: &Value) -> String {
             ]
         })
         .collect();
-    table(&["NAME", "DEVICE", "SIZE", "QUEUES", "MODE", "POLL", "CONNECTED", "SOCKET"], &rows)
+    let mut out = table(&["NAME", "DEVICE", "SIZE", "QUEUES", "MODE", "POLL", "CONNECTED", "SOCKET"], &rows);
+    // Exports from the state file that could not start again, and why.
+    for e in v.as_array().into_iter().flatten() {
+        if let Some(p) = e["problem"].as_str() {
+            out.push_str(&format!("{}: not running: {p}\n", field(&e["config"], "name")));
+        }
+    }
+    out
 }

@@ -387,8 +387,25 @@ impl Daemon {
     /// Every export (those being removed too, marked so).
     pub fn export_ls(&self) -> Vec<ExportInfo> {
         let exports = self.exports();
-        let mut all: Vec<ExportInfo> =
-            exports.running.values().map(ExportEntry::info).chain(exports.removing.values().cloned()).collect();
+        let failed: Vec<ExportInfo> = self
+            .failed_exports()
+            .values()
+            .map(|(config, why)| ExportInfo {
+                config: config.clone(),
+                sectors: 0,
+                connected: false,
+                connections: 0,
+                removing: false,
+                problem: Some(why.clone()),
+            })
+            .collect();
+        let mut all: Vec<ExportInfo> = exports
+            .running
+            .values()
+            .map(ExportEntry::info)
+            .chain(exports.removing.values().cloned())
+            .chain(failed)
+            .collect();
         all.sort_by(|a, b| a.config.name.cmp(&b.config.name));
         all
     }

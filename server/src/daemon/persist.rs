@@ -157,9 +157,27 @@ impl Daemon {
         state
     }
 
-    /// The problem `dm ls` shows for `name`, if it came back as an `error` device and is
-    /// still as it was rebuilt.
+    /// The problem `dm ls` shows for `name`: it came back as an `error` device (and is
+    /// still as it was rebuilt), or its tables use one, directly or further down.
     pub fn problem(&self, name: &str) -> Option<String> {
+        if let Some(own) = self.own_problem(name) {
+            return Some(own);
+        }
+        let mut seen = BTreeSet::new();
+        let mut todo: Vec<String> = self.registry.deps(name, TableSlot::Live).unwrap_or_default();
+        while let Some(d) = todo.pop() {
+            if !seen.insert(d.clone()) {
+                continue;
+            }
+            if self.own_problem(&d).is_some() {
+                return Some(format!("uses `{d}`, which came back as an error device (see its problem)"));
+            }
+            todo.extend(self.registry.deps(&d, TableSlot::Live).unwrap_or_default());
+        }
+        None
+    }
+
+    fn own_problem(&self, name: &str) -> Option<String> {
         let id = self.registry.device_id(name).ok()?;
         let problems = self.problems();
         let p = problems.get(&id)?;
@@ -206,6 +224,7 @@ impl Daemon {
             }
         }
         let mut rebuilt = Vec::new();
+        let mut merging = Vec::new();
         for d in &state.devices {
             if let Err(e) = self.registry.create(&d.name, d.uuid.as_deref(), None) {
                 fail(format!("device {}: cannot be created: {e}", d.name));
@@ -213,14 +232,20 @@ impl Daemon {
             }
             rebuilt.push(d);
             let Some(table) = &d.table else { continue };
-            let loaded = self.check_restorable(table).and_then(|()| {
+            let loaded = self.check_restorable(table).and_then(|marked| {
                 self.registry
                     .load(&d.name, table)
                     .and_then(|()| self.registry.resume(&d.name))
+                    .map(|()| marked)
                     .map_err(|e| e.to_string())
             });
             match loaded {
-                Ok(()) => report.restored += 1,
+                Ok(marked) => {
+                    report.restored += 1;
+                    if marked {
+                        merging.push(d.name.as_str());
+                    }
+                }
                 Err(reason) => {
                     let _ = self.registry.clear(&d.name);
                     let standin = error_table(table);
@@ -239,7 +264,7 @@ impl Daemon {
             if let Some(table) = &d.inactive_table {
                 if let Err(reason) = self
                     .check_restorable(table)
-                    .and_then(|()| self.registry.load(&d.name, table).map_err(|e| e.to_string()))
+                    .and_then(|_| self.registry.load(&d.name, table).map_err(|e| e.to_string()))
                 {
                     self.note_problem(
                         &d.name,
@@ -248,6 +273,15 @@ impl Daemon {
                     );
                     fail(format!("device {}: its inactive table cannot be loaded: {reason}", d.name));
                 }
+            }
+        }
+        // A merge that had begun (its COW is marked) when udm was killed before it could
+        // record the merge's tables: the origin is partly merged, so the merge must go
+        // on, as a declared snapshot's does.
+        for name in merging {
+            tracing::warn!("snapshot {name} was being merged when udm stopped: resuming the merge");
+            if let Err(e) = self.snapshot_merge(name) {
+                fail(format!("snapshot {name}: its merge had begun and cannot be resumed: {e}"));
             }
         }
         for d in rebuilt.iter().filter(|d| d.suspended) {
@@ -307,19 +341,22 @@ impl Daemon {
     /// Refuses a table that would load but not as it was: a transient snapshot (its
     /// exceptions were in memory), or a persistent snapshot or merge whose COW came
     /// back blank (it was in RAM, or was wiped): its table would initialise an empty
-    /// store and show the origin as it is now.
-    fn check_restorable(&self, table: &str) -> Result<(), String> {
-        let Ok(lines) = parse_table_text(table) else { return Ok(()) };
+    /// store and show the origin as it is now. `Ok(true)`: a `snapshot` line's COW
+    /// carries the merge mark (a merge began).
+    fn check_restorable(&self, table: &str) -> Result<bool, String> {
+        let mut marked = false;
+        let Ok(lines) = parse_table_text(table) else { return Ok(false) };
         for line in lines {
             if line.target != "snapshot" && line.target != "snapshot-merge" {
                 continue;
             }
             let [origin, cow, persistence, ..] = line.args.as_slice() else { continue };
             if persistence.eq_ignore_ascii_case("N") {
-                return Err(format!(
+                return Err(
                     "a transient (N) snapshot keeps its exceptions in memory: they did not survive the restart \
                      (remove it with `udm dm remove`)"
-                ));
+                        .into(),
+                );
             }
             let (Ok(cow_dev), Ok(origin_dev)) = (self.registry.device(cow), self.registry.device(origin)) else {
                 continue;
@@ -333,7 +370,7 @@ impl Daemon {
                 })
                 .map_err(|e| format!("its COW `{cow}` cannot be read: {e}"))?;
             match contents {
-                CowContents::Store(_) => {}
+                CowContents::Store(s) => marked |= s.merging && line.target == "snapshot",
                 CowContents::Blank => {
                     return Err(format!(
                         "its COW `{cow}` holds no snapshot store{}: the snapshot cannot come back (remove it with \
@@ -346,7 +383,7 @@ impl Daemon {
                 }
             }
         }
-        Ok(())
+        Ok(marked)
     }
 
     /// ` (it was in RAM: mem:64M)` when `device` lies on a RAM backend.
@@ -422,4 +459,58 @@ fn dependency_order(devices: Vec<DeviceState>) -> Vec<DeviceState> {
 /// Loads the state at `path` (`None`: no file yet).
 pub fn load_state(path: &Path) -> Result<Option<StateFile>, StateError> {
     StateFile::load(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::methods::call;
+    use serde_json::json;
+
+    #[test]
+    fn a_change_that_cannot_be_saved_is_in_effect_and_the_reply_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Daemon::new(vec![]);
+        d.set_recording(Recording::On(dir.path().join("gone").join("udm-state.json")));
+        let e = call(&d, "backend.add", Some(json!({"name": "m", "spec": "mem:1M"}))).unwrap_err();
+        assert!(e.message.contains("in effect, but it is not saved") && e.message.contains("gone"), "{}", e.message);
+        assert!(d.registry().device("m").is_ok(), "the change stays");
+        // Reports do not write.
+        call(&d, "dm.ls", None).unwrap();
+        d.set_recording(Recording::On(dir.path().join("udm-state.json")));
+        call(&d, "dm.create", Some(json!({"name": "v", "table": "0 8 linear m 0"}))).unwrap();
+        let saved = StateFile::load(&dir.path().join("udm-state.json")).unwrap().unwrap();
+        assert_eq!(saved.backends[0].spec.as_deref(), Some("mem:1M"));
+        assert_eq!(saved.devices[0].table.as_deref(), Some("0 8 linear m 0\n"));
+    }
+
+    #[test]
+    fn changes_wait_for_the_start_to_finish() {
+        let d = Daemon::new(vec![]);
+        d.set_recording(Recording::Starting);
+        let e = call(&d, "backend.add", Some(json!({"name": "m", "spec": "mem:1M"}))).unwrap_err();
+        assert!(e.message.contains("starting"), "{}", e.message);
+        assert!(d.registry().device("m").is_err(), "nothing changed");
+        call(&d, "dm.ls", None).unwrap();
+    }
+
+    #[test]
+    fn devices_come_after_what_they_use_and_snapshots_before_origins() {
+        let dev = |name: &str, table: &str| DeviceState {
+            name: name.into(),
+            uuid: None,
+            table: Some(table.into()),
+            inactive_table: None,
+            suspended: false,
+        };
+        let order = dependency_order(vec![
+            dev("a", "0 8 linear b 0"),
+            dev("b", "0 8 striped 2 8 c 0 disk 0"),
+            dev("c", "0 8 linear disk 0"),
+            dev("origin", "0 8 snapshot-origin c"),
+            dev("snap", "0 8 snapshot c c 0 P 8"),
+        ]);
+        let names: Vec<&str> = order.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["c", "b", "a", "snap", "origin"]);
+    }
 }

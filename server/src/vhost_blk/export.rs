@@ -222,6 +222,10 @@ pub struct ExportInfo {
     /// Being removed (`export remove` has not returned yet).
     #[serde(default)]
     pub removing: bool,
+    /// Why an export from the state file is not running (it stays recorded until it is
+    /// added again or removed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 impl Export {
@@ -268,6 +272,7 @@ impl Export {
             connected: self.core.connected.load(Ordering::Relaxed),
             connections: self.core.connections.load(Ordering::Relaxed),
             removing: false,
+            problem: None,
         }
     }
 
