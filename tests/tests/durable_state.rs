@@ -9,10 +9,12 @@
 //!   backends, a striped device, a snapshot whose file COW holds exceptions, a merge
 //!   stopped half way (its origin disk hangs after a few writes), a suspended device
 //!   with an inactive table, two exports with verified clients; the daemon is killed
-//!   at seeded random points, also while a thread creates, loads, suspends, resumes,
-//!   exports and removes a device in a loop. After each restart the reports are what
-//!   they were, the change in flight is either wholly there or not at all, every
-//!   acknowledged change and write is there, and the clients carried on by themselves.
+//!   at seeded random points, also while two threads each take a device through
+//!   create, load, suspend, resume, export add, load, export remove, clear and remove,
+//!   and a third creates and removes a snapshot, in loops. After each restart the
+//!   reports are what they were, each change in flight is either wholly there or not
+//!   at all, every acknowledged change and write is there, the merge resumed, and the
+//!   clients carried on by themselves.
 //! * [`a_corrupt_or_newer_state_file_is_refused_and_left_as_it_was`]
 //! * [`a_device_whose_backend_file_is_gone_comes_up_as_an_error_and_the_rest_start`]
 //! * [`config_save_recreates_every_table_and_config_check_names_what_is_wrong`]
@@ -177,6 +179,7 @@ impl Reports {
             .expect("a list")
             .iter()
             .map(|s| (s["name"].as_str().expect("a name").to_string(), s.clone()))
+            .filter(|(name, _)| !is_churn(name))
             .collect();
         Reports {
             tree: tree_without(&tree, is_churn),
@@ -442,8 +445,10 @@ const CHURNS: [Churn; 2] = [
 /// acknowledged change cannot pass for the one after it.
 const CHURN_STEPS: usize = 9;
 
+/// The devices the control-change threads change (compared on their own): the
+/// churn devices, and the snapshot `sn` of `sorig` with its parts.
 fn is_churn(name: &str) -> bool {
-    CHURNS.iter().any(|c| c.name == name)
+    CHURNS.iter().any(|c| c.name == name) || name.starts_with("sorig") || name == "sn" || name.starts_with("sn-")
 }
 
 /// A churn device as the daemon reports it.
@@ -533,25 +538,8 @@ impl Churn {
         args.into_iter().map(String::from).collect()
     }
 
-    /// Applies the cycle's changes one after another until one fails (the daemon is
-    /// killed meanwhile), counting those whose reply said ok.
     fn spawn(self, dir: &Path, killed: &Arc<AtomicBool>) -> JoinHandle<ChurnEnd> {
-        let (dir, killed) = (dir.to_path_buf(), Arc::clone(killed));
-        std::thread::spawn(move || {
-            let mut done = 0;
-            loop {
-                let args = self.step(done, &dir);
-                let out = cli(&dir, &args.iter().map(String::as_str).collect::<Vec<_>>());
-                if !out.status.success() {
-                    return ChurnEnd {
-                        acknowledged: done,
-                        error: format!("udm {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim()),
-                        after_kill: killed.load(Ordering::Acquire),
-                    };
-                }
-                done += 1;
-            }
-        })
+        spawn_changes(dir, killed, move |step, dir| self.step(step, dir))
     }
 
     /// Takes the device back to absent, whatever state it came back in.
@@ -576,6 +564,69 @@ struct ChurnEnd {
     acknowledged: usize,
     error: String,
     after_kill: bool,
+}
+
+/// Applies changes `step(0)`, `step(1)`, ... one after another until one fails (the
+/// daemon is killed meanwhile), counting those whose reply said ok.
+fn spawn_changes(
+    dir: &Path,
+    killed: &Arc<AtomicBool>,
+    step: impl Fn(usize, &Path) -> Vec<String> + Send + 'static,
+) -> JoinHandle<ChurnEnd> {
+    let (dir, killed) = (dir.to_path_buf(), Arc::clone(killed));
+    std::thread::spawn(move || {
+        let mut done = 0;
+        loop {
+            let args = step(done, &dir);
+            let out = cli(&dir, &args.iter().map(String::as_str).collect::<Vec<_>>());
+            if !out.status.success() {
+                return ChurnEnd {
+                    acknowledged: done,
+                    error: format!("udm {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim()),
+                    after_kill: killed.load(Ordering::Acquire),
+                };
+            }
+            done += 1;
+        }
+    })
+}
+
+/// The table of `sorig`, whose snapshot `sn` a control-change thread creates
+/// (`snapshot create`: the origin suspended, its table replaced, three devices made)
+/// and removes, in turn: compound changes.
+const SNAP_ORIGIN_TABLE: &str = "0 2048 linear b 45056";
+
+fn snapshot_step(step: usize, dir: &Path) -> Vec<String> {
+    let cow = file_spec(dir, "sn.cow");
+    let args = if step.is_multiple_of(2) {
+        vec!["snapshot", "create", "sorig", "sn", "--cow", &cow, "--reinit"]
+    } else {
+        vec!["snapshot", "remove", "sn"]
+    };
+    args.into_iter().map(String::from).collect()
+}
+
+/// The snapshot `sn` as the daemon reports it: which of its parts exist, and the
+/// origin's table.
+fn snapshot_parts(dir: &Path) -> (Vec<String>, String) {
+    let names: Vec<String> = cli_json(dir, &["dm", "ls"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|d| d["name"].as_str().map(String::from))
+        .filter(|n| ["sorig-real", "sn", "sn-cow"].contains(&n.as_str()))
+        .collect();
+    let origin = cli_ok(dir, &["dm", "table", "sorig"]).trim().to_string();
+    (names, origin)
+}
+
+/// What [`snapshot_parts`] must be with or without the snapshot.
+fn snapshot_parts_when(present: bool) -> (Vec<String>, String) {
+    if present {
+        (vec!["sn".into(), "sn-cow".into(), "sorig-real".into()], "0 2048 snapshot-origin sorig-real".into())
+    } else {
+        (vec![], SNAP_ORIGIN_TABLE.into())
+    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -629,6 +680,10 @@ fn build_stack(dir: &Path) -> (UdmProcess, Vec<(String, VerifiedClient)>) {
     let merging = snapshot(dir, "msnap").expect("the merging snapshot is listed");
     assert_eq!(merging["merging"], true, "{merging}");
     assert!(allocated(&merging) < full && allocated(&merging) > 100, "not half way: {merging} (had {full})");
+
+    // The origin of the snapshot a control-change thread creates and removes.
+    create_image(dir, "sn.cow", 1);
+    ok(&["dm", "create", "sorig", "--table", SNAP_ORIGIN_TABLE]);
 
     ok(&["export", "add", "stripe"]);
     ok(&["export", "add", "vol"]);
@@ -714,12 +769,14 @@ fn a_stack_built_through_the_cli_survives_sigkill_at_random_points() {
         let connections = workload.connections();
         let killed = Arc::new(AtomicBool::new(false));
         let churns: Vec<_> = CHURNS.iter().map(|c| (c, c.spawn(dir, &killed))).collect();
+        let snapshot_changes = spawn_changes(dir, &killed, snapshot_step);
         std::thread::sleep(Duration::from_millis(rng.below(400)));
         killed.store(true, Ordering::Release);
         udm.kill();
         epoch.fetch_add(1, Ordering::Release);
         let ends: Vec<(&Churn, ChurnEnd)> =
             churns.into_iter().map(|(c, t)| (c, t.join().expect("control-change thread"))).collect();
+        let snapshot_end = snapshot_changes.join().expect("snapshot-change thread");
 
         udm = restart(dir);
         let after = Reports::collect(dir);
@@ -750,11 +807,29 @@ fn a_stack_built_through_the_cli_survives_sigkill_at_random_points() {
             eprintln!("round {round}: {name}: {} changes acknowledged, came back as {state:?}", end.acknowledged);
         }
         workload.wait_for_progress(&udm, Some(&connections), PROGRESS_AFTER_RESTART, &format!("round {round}"), &seed);
+        // A snapshot create or remove cut short: all of it or none of it.
+        let end = &snapshot_end;
+        assert!(end.after_kill, "{seed}: round {round}: a change failed with the daemon up: {}", end.error);
+        if !end.error.contains("cannot reach udm") {
+            landed_mid_change += 1;
+        }
+        let parts = snapshot_parts(dir);
+        let done = end.acknowledged;
+        assert!(
+            parts == snapshot_parts_when(!done.is_multiple_of(2))
+                || parts == snapshot_parts_when(done.is_multiple_of(2)),
+            "{seed}: round {round}: after {done} acknowledged snapshot changes ({}) sn is half there: {parts:?}",
+            end.error
+        );
+        eprintln!("round {round}: sn: {done} changes acknowledged, came back as {parts:?}");
         for churn in &CHURNS {
             churn.remove(dir);
         }
+        if parts.0.iter().any(|n| n == "sn") {
+            cli_ok(dir, &["snapshot", "remove", "sn"]);
+        }
     }
-    eprintln!("{landed_mid_change} of {} control changes were cut short by the kill", KILL_ROUNDS * CHURNS.len());
+    eprintln!("{landed_mid_change} of {} control changes were cut short by the kill", KILL_ROUNDS * (CHURNS.len() + 1));
 
     // The last word: every block of both clients, and the snapshot still reads the
     // origin as it was when it was taken (all zeroes), its exceptions intact.
