@@ -831,6 +831,9 @@ fn a_stack_built_through_the_cli_survives_sigkill_at_random_points() {
     }
     eprintln!("{landed_mid_change} of {} control changes were cut short by the kill", KILL_ROUNDS * (CHURNS.len() + 1));
 
+    let merge_end = snapshot(dir, "msnap").expect("the merge is still under way after every restart");
+    eprintln!("msnap: allocated {merge_before} before the first restart, {} after the last", allocated(&merge_end));
+
     // The last word: every block of both clients, and the snapshot still reads the
     // origin as it was when it was taken (all zeroes), its exceptions intact.
     let clients = workload.pause(&udm.log(), &seed);
