@@ -17,7 +17,9 @@ const UDM: &str = env!("CARGO_BIN_EXE_udm");
 const DISK_BYTES: usize = 16 << 20;
 
 /// A `udm serve --config udm.toml` in a directory; SIGKILLed on drop (no drain, no
-/// flush: what a crash leaves).
+/// flush: what a crash leaves). These tests are about what the declaration and the COW
+/// bring back, so each start goes without the state file a previous run saved (which
+/// would otherwise be the truth: `durable_state.rs` tests that path).
 struct Serve {
     child: Child,
     dir: PathBuf,
@@ -25,6 +27,7 @@ struct Serve {
 
 impl Serve {
     fn start(dir: &Path) -> Serve {
+        let _ = std::fs::remove_file(dir.join("udm-state.json"));
         let mut child = Command::new(UDM)
             .args(["serve", "--config", "udm.toml"])
             .current_dir(dir)

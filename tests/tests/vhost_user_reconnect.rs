@@ -94,8 +94,10 @@ impl Setup {
     }
 
     /// The config the next udm reads: the disk image, under `faults` (`stall-after=N`)
-    /// when not empty.
+    /// when not empty. The saved state goes, so the next udm starts from this
+    /// declaration (the state would otherwise bring the old backend spec back).
     fn write_config(&self, faults: &str) {
+        let _ = std::fs::remove_file(self.path().join("udm-state.json"));
         let file = format!("file:{}", self.img.display());
         let spec = if faults.is_empty() { file } else { format!("fault:{faults}@{file}") };
         std::fs::write(

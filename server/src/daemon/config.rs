@@ -54,6 +54,7 @@ use udm_drivers::backend_spec::BackendSpec;
 use udm_drivers::units::parse_size;
 use udm_mapping::registry::validate_name;
 use udm_mapping::table_text::parse_table_text;
+use udm_mapping::targets::TargetTypes;
 
 use super::state::StateFile;
 use crate::control::socket_file::{SocketAccess, SocketMode};
@@ -312,7 +313,18 @@ impl Config {
                 match parse_table_text(text) {
                     Err(e) => problems.push(format!("device `{owner}`: {which}: {e}")),
                     Ok(lines) => {
+                        let types = TargetTypes::builtin();
                         for line in lines {
+                            if types.get(&line.target).is_none() {
+                                problems.push(format!(
+                                    "device `{owner}`: {which} line {}: target `{}` is not one udm knows (expected \
+                                     one of {})",
+                                    line.line,
+                                    line.target,
+                                    types.names()
+                                ));
+                                continue;
+                            }
                             for dev in device_args(&line.target, &line.args) {
                                 if !known.contains(dev) {
                                     problems.push(format!(
