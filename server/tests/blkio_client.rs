@@ -30,11 +30,25 @@ pub const REGION_LEN: usize = 16 << 20;
 
 impl Client {
     pub fn connect(path: &Path, queues: i32, read_only: bool) -> Result<Client, blkio::Error> {
+        Self::connect_with_rings(path, queues, read_only, None)
+    }
+
+    /// As [`Client::connect`], asking for rings of `ring_size` entries (libblkio's
+    /// `queue-size`; its own default otherwise).
+    pub fn connect_with_rings(
+        path: &Path,
+        queues: i32,
+        read_only: bool,
+        ring_size: Option<i32>,
+    ) -> Result<Client, blkio::Error> {
         let mut b = Blkio::new("virtio-blk-vhost-user")?;
         b.set_str("path", path.to_str().unwrap())?;
         b.set_bool("read-only", read_only)?;
         b.connect()?;
         b.set_i32("num-queues", queues)?;
+        if let Some(size) = ring_size {
+            b.set_i32("queue-size", size)?;
+        }
         let out = b.start()?;
         let region = b.alloc_mem_region(REGION_LEN)?;
         b.map_mem_region(&region)?;

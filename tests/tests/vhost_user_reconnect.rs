@@ -118,7 +118,13 @@ impl Setup {
             .memory_mib(384)
             .modules(modules::VIRTIO_BLK)
             .shared_memory()
-            .qemu_args(&["-chardev", &chardev, "-device", "vhost-user-blk-pci,chardev=vu0,num-queues=1"])
+            // 1024-entry rings, the usual setting for fast disks (udm's default limit).
+            .qemu_args(&[
+                "-chardev",
+                &chardev,
+                "-device",
+                "vhost-user-blk-pci,chardev=vu0,num-queues=1,queue-size=1024",
+            ])
             .mailbox(&self.mailbox)
             .script(&Mailbox::guest_find())
             .script(GUEST_SCRIPT)

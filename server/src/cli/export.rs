@@ -34,8 +34,8 @@ enum ExportCommand {
         /// Request virtqueues.
         #[arg(long, default_value_t = 1)]
         queues: u16,
-        /// Largest ring size.
-        #[arg(long, default_value_t = 256)]
+        /// Largest ring size the front end may set up (a power of two up to 32768).
+        #[arg(long, default_value_t = udm_server::vhost_blk::export::default_queue_size())]
         queue_size: u16,
         /// Refuse writes.
         #[arg(long)]

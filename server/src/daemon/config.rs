@@ -215,7 +215,7 @@ impl Config {
                 socket: PathBuf::from("vol0.sock"),
                 device: "vol0".into(),
                 num_queues: 1,
-                queue_size: 256,
+                queue_size: crate::vhost_blk::export::default_queue_size(),
                 read_only: false,
                 poll: Default::default(),
                 idle_poll_us: crate::vhost_blk::export::default_idle_poll_us(),
@@ -385,11 +385,8 @@ impl Config {
             if e.num_queues == 0 || e.num_queues > 64 {
                 problems.push(format!("export `{}`: num_queues {} is out of range: use 1 to 64", e.name, e.num_queues));
             }
-            if !e.queue_size.is_power_of_two() || !(2..=1024).contains(&e.queue_size) {
-                problems.push(format!(
-                    "export `{}`: queue_size {} must be a power of two from 2 to 1024",
-                    e.name, e.queue_size
-                ));
+            if let Some(problem) = e.queue_size_problem() {
+                problems.push(format!("export `{}`: {problem}", e.name));
             }
         }
         problems
@@ -426,7 +423,7 @@ mod tests {
         assert_eq!(c.backends[0].spec, "mem:1G");
         assert_eq!(c.snapshots[0].chunk, "4k");
         assert_eq!(c.exports[0].num_queues, 2);
-        assert_eq!(c.exports[0].queue_size, 256);
+        assert_eq!(c.exports[0].queue_size, 1024);
         assert_eq!(c.exports[0].socket_access().mode.bits(), 0o660);
         assert_eq!(c.exports[0].socket_group.as_deref(), Some("kvm"));
         assert_eq!(c.control_access().mode.bits(), 0o660);

@@ -24,6 +24,7 @@ use crate::control::socket_file::{OwnedSocket, SocketAccess, SocketMode};
 use super::backend_channel::{peek_backend_channel, send_config_change};
 use super::config_space::Limits;
 use super::handler::BlkHandler;
+use super::inflight::MAX_QUEUE_SIZE;
 use super::request::ID_BYTES;
 use super::stats::{QueueSnapshot, QueueStats};
 use super::worker::{PollMode, Shared};
@@ -41,7 +42,9 @@ pub struct ExportConfig {
     /// Request virtqueues (1..=64).
     #[serde(default = "default_queues")]
     pub num_queues: u16,
-    /// Largest ring size the front end may choose (power of two, up to 1024).
+    /// Largest ring size the front end may choose: a power of two up to 32768 (the
+    /// virtio limit); default 1024, the most QEMU's `queue-size` takes. Each queue's
+    /// request table is sized by the ring the front end actually sets up.
     #[serde(default = "default_queue_size")]
     pub queue_size: u16,
     /// Refuse writes even if the device takes them.
@@ -71,6 +74,17 @@ pub struct ExportConfig {
 }
 
 impl ExportConfig {
+    /// What is wrong with `queue_size`, if anything.
+    pub fn queue_size_problem(&self) -> Option<String> {
+        let ok = self.queue_size.is_power_of_two() && (2..=MAX_QUEUE_SIZE).contains(&usize::from(self.queue_size));
+        (!ok).then(|| {
+            format!(
+                "queue_size {} must be a power of two from 2 to {MAX_QUEUE_SIZE} (the virtio limit)",
+                self.queue_size
+            )
+        })
+    }
+
     /// Who may connect to the socket.
     pub fn socket_access(&self) -> SocketAccess {
         SocketAccess { mode: self.socket_mode.unwrap_or_default(), group: self.socket_group.clone() }
@@ -91,8 +105,9 @@ pub fn default_idle_poll_us() -> u32 {
     128
 }
 
-fn default_queue_size() -> u16 {
-    256
+/// Default largest ring size (QEMU's `queue-size` goes up to 1024).
+pub fn default_queue_size() -> u16 {
+    1024
 }
 
 /// Why an export could not be created.
@@ -157,8 +172,8 @@ impl ExportCore {
         if config.num_queues == 0 || config.num_queues > 64 {
             return Err(bad(format!("num_queues {} is out of range: use 1 to 64", config.num_queues)));
         }
-        if !config.queue_size.is_power_of_two() || !(2..=1024).contains(&config.queue_size) {
-            return Err(bad(format!("queue_size {} must be a power of two from 2 to 1024", config.queue_size)));
+        if let Some(problem) = config.queue_size_problem() {
+            return Err(bad(problem));
         }
         let serial_text = config.serial.clone().unwrap_or_else(|| config.name.clone());
         if serial_text.len() > ID_BYTES {
