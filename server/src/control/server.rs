@@ -11,7 +11,6 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,12 +19,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::methods::call;
 use super::protocol::{Request, Response, RpcError, INVALID_REQUEST, OPERATION_FAILED, PARSE_ERROR};
-use super::socket_file::{OwnedSocket, SocketAccess};
+use super::socket_file::{accept_until_stopped, OwnedSocket, SocketAccess};
 use crate::daemon::Daemon;
 
 /// Longest request line accepted (tables of thousands of lines fit).
@@ -100,31 +98,7 @@ fn accept_loop(
     clients: &Arc<Clients>,
     daemon: &Arc<Daemon>,
 ) {
-    let epoll = match Epoll::new().and_then(|ep| {
-        ep.ctl(ControlOperation::Add, listener.as_raw_fd(), EpollEvent::new(EventSet::IN, 0))?;
-        ep.ctl(ControlOperation::Add, wake.as_raw_fd(), EpollEvent::new(EventSet::IN, 1))?;
-        Ok(ep)
-    }) {
-        Ok(ep) => ep,
-        Err(e) => {
-            tracing::error!("control socket: cannot wait for connections: {e}");
-            return;
-        }
-    };
-    let mut events = [EpollEvent::default(); 2];
-    while !stop.load(Ordering::Acquire) {
-        match listener.accept() {
-            Ok((stream, _)) => admit(stream, clients, daemon),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                let _ = epoll.wait(-1, &mut events);
-            }
-            Err(e) => {
-                // EMFILE and the like: back off instead of spinning.
-                tracing::warn!("control socket accept failed: {e}");
-                let _ = epoll.wait(100, &mut events);
-            }
-        }
-    }
+    accept_until_stopped(listener, stop, wake, "control socket", |stream| admit(stream, clients, daemon));
 }
 
 /// Registers a new connection and starts its thread, or refuses it with an error reply.

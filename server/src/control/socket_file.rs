@@ -19,11 +19,14 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Permission bits of a socket file (`0o600` by default; `0o660` with a group lets a
 /// QEMU running as another user in that group connect).
@@ -350,6 +353,44 @@ fn resolve_group(group: &str) -> io::Result<libc::gid_t> {
         ));
     }
     Ok(grp.gr_gid)
+}
+
+/// Accepts connections on a non-blocking `listener`, handing each to `on_connection`,
+/// until `stop` is set; whoever sets it signals `wake`, so stopping never depends on
+/// connecting to the socket's path (which may by then belong to someone else).
+/// `what` names the socket in logs.
+pub fn accept_until_stopped(
+    listener: &UnixListener,
+    stop: &AtomicBool,
+    wake: &EventFd,
+    what: &str,
+    mut on_connection: impl FnMut(UnixStream),
+) {
+    let epoll = match Epoll::new().and_then(|ep| {
+        ep.ctl(ControlOperation::Add, listener.as_raw_fd(), EpollEvent::new(EventSet::IN, 0))?;
+        ep.ctl(ControlOperation::Add, wake.as_raw_fd(), EpollEvent::new(EventSet::IN, 1))?;
+        Ok(ep)
+    }) {
+        Ok(ep) => ep,
+        Err(e) => {
+            tracing::error!("{what}: cannot wait for connections: {e}");
+            return;
+        }
+    };
+    let mut events = [EpollEvent::default(); 2];
+    while !stop.load(Ordering::Acquire) {
+        match listener.accept() {
+            Ok((stream, _)) => on_connection(stream),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let _ = epoll.wait(-1, &mut events);
+            }
+            Err(e) => {
+                // EMFILE and the like: back off instead of spinning.
+                tracing::warn!("{what}: accept failed: {e}");
+                let _ = epoll.wait(100, &mut events);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

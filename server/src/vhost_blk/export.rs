@@ -5,7 +5,6 @@
 //! reconnects), the next connection starts from scratch, except for what the front end
 //! brings back itself: the inflight region that says which requests to redo.
 
-use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,10 +15,9 @@ use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use udm_drivers::{BlockDevice, DeviceInfo};
 use vhost::vhost_user::BackendReqHandler;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::control::socket_file::{OwnedSocket, SocketAccess, SocketMode};
+use crate::control::socket_file::{accept_until_stopped, OwnedSocket, SocketAccess, SocketMode};
 
 use super::backend_channel::{peek_backend_channel, send_config_change};
 use super::config_space::Limits;
@@ -350,50 +348,28 @@ fn accept_loop(
     wake: Arc<EventFd>,
     current: Arc<Mutex<Option<UnixStream>>>,
 ) {
-    let epoll = match Epoll::new().and_then(|ep| {
-        ep.ctl(ControlOperation::Add, listener.as_raw_fd(), EpollEvent::new(EventSet::IN, 0))?;
-        ep.ctl(ControlOperation::Add, wake.as_raw_fd(), EpollEvent::new(EventSet::IN, 1))?;
-        Ok(ep)
-    }) {
-        Ok(ep) => ep,
-        Err(e) => {
-            tracing::error!(export = %core.name, "cannot wait for connections: {e}");
+    let what = format!("export `{}`", core.name);
+    accept_until_stopped(&listener, &stop, &wake, &what, |stream| {
+        if stream.set_nonblocking(false).is_err() {
             return;
         }
-    };
-    let mut events = [EpollEvent::default(); 2];
-    while !stop.load(Ordering::Acquire) {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                if stream.set_nonblocking(false).is_err() {
-                    continue;
-                }
-                if let Ok(clone) = stream.try_clone() {
-                    *current.lock().unwrap_or_else(|e| e.into_inner()) = Some(clone);
-                }
-                if stop.load(Ordering::Acquire) {
-                    break;
-                }
-                // Last line of defence: a fault in one connection ends that connection,
-                // never the listener (reconnects must keep working).
-                let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve_connection(stream, &core)));
-                if let Err(panic) = served {
-                    let reason = super::worker::panic_message(&*panic);
-                    tracing::error!(export = %core.name, "front-end connection faulted: {reason}; connection closed");
-                }
-                core.connected.store(false, Ordering::Relaxed);
-                *core.backend_channel.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                *current.lock().unwrap_or_else(|e| e.into_inner()) = None;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                let _ = epoll.wait(-1, &mut events);
-            }
-            Err(e) => {
-                tracing::warn!(export = %core.name, "accept failed: {e}");
-                let _ = epoll.wait(100, &mut events);
-            }
+        if let Ok(clone) = stream.try_clone() {
+            *current.lock().unwrap_or_else(|e| e.into_inner()) = Some(clone);
         }
-    }
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
+        // Last line of defence: a fault in one connection ends that connection, never
+        // the listener (reconnects must keep working).
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve_connection(stream, &core)));
+        if let Err(panic) = served {
+            let reason = super::worker::panic_message(&*panic);
+            tracing::error!(export = %core.name, "front-end connection faulted: {reason}; connection closed");
+        }
+        core.connected.store(false, Ordering::Relaxed);
+        *core.backend_channel.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    });
 }
 
 /// Runs the vhost-user message loop of one front end until it disconnects.
