@@ -30,19 +30,33 @@ pub struct Start<'a> {
 impl Daemon {
     /// Starts `udm serve` in `dir` and waits for its banner.
     pub fn start(dir: &Path, how: Start<'_>) -> Daemon {
+        let args = how.args;
+        Self::try_start(dir, how).unwrap_or_else(|e| panic!("udm serve {args:?} did not start: {e}"))
+    }
+
+    /// As [`Daemon::start`]; `Err(stderr)` when it exits during start-up.
+    pub fn try_start(dir: &Path, how: Start<'_>) -> Result<Daemon, String> {
         let mut cmd = serve_command(dir, how);
-        cmd.stdout(Stdio::piped());
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("udm runs");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         loop {
-            let line = lines.next().expect("udm serve printed its banner").unwrap();
-            if line.starts_with("stop with") {
-                break;
+            match lines.next() {
+                Some(Ok(line)) if line.starts_with("stop with") => break,
+                Some(_) => {}
+                None => {
+                    let out = child.wait_with_output().unwrap();
+                    assert!(!out.status.success(), "a failed start exits non-zero");
+                    return Err(String::from_utf8_lossy(&out.stderr).into());
+                }
             }
         }
-        // Keep reading so the daemon's later output never hits a closed pipe.
+        // Keep reading so the daemon's later output never hits a closed pipe; its log
+        // goes on to the test's stderr.
         std::thread::spawn(move || lines.for_each(drop));
-        Daemon { child, dir: dir.to_path_buf() }
+        let mut log = child.stderr.take().unwrap();
+        std::thread::spawn(move || std::io::copy(&mut log, &mut std::io::stderr()));
+        Ok(Daemon { child, dir: dir.to_path_buf() })
     }
 
     pub fn pid(&self) -> u32 {

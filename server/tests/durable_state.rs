@@ -7,57 +7,34 @@
 //! the state and `config check` validates one.
 
 mod blkio_client;
+mod daemon_process;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 
 use blkio_client::{Client, Op};
-
-const UDM: &str = env!("CARGO_BIN_EXE_udm");
+use daemon_process::{Daemon, Start, UDM};
 
 /// A `udm serve` in a directory; SIGKILLed on drop (what a crash leaves).
 struct Serve {
-    child: Child,
-    dir: PathBuf,
+    daemon: Daemon,
 }
 
 impl Serve {
     /// Starts `udm serve args...` in `dir` and waits until it serves.
     fn start(dir: &Path, args: &[&str]) -> Serve {
-        Self::try_start(dir, args).unwrap_or_else(|e| panic!("udm serve {args:?} did not start: {e}"))
+        Serve { daemon: Daemon::start(dir, Start { args, ..Start::default() }) }
     }
 
     /// As `start`; `Err(stderr)` when it exits during start-up.
     fn try_start(dir: &Path, args: &[&str]) -> Result<Serve, String> {
-        let mut child = Command::new(UDM)
-            .arg("serve")
-            .args(args)
-            .current_dir(dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("udm runs");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        loop {
-            match lines.next() {
-                Some(Ok(line)) if line.starts_with("stop with") => break,
-                Some(_) => {}
-                None => {
-                    let out = child.wait_with_output().unwrap();
-                    assert!(!out.status.success(), "a failed start exits non-zero");
-                    return Err(String::from_utf8_lossy(&out.stderr).into());
-                }
-            }
-        }
-        std::thread::spawn(move || lines.for_each(drop));
-        Ok(Serve { child, dir: dir.to_path_buf() })
+        Daemon::try_start(dir, Start { args, ..Start::default() }).map(|daemon| Serve { daemon })
     }
 
+    /// Runs `udm args...`: success and its stdout, or failure and its stderr.
     fn udm(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(UDM).args(args).current_dir(&self.dir).output().unwrap();
-        let text = if out.status.success() { out.stdout } else { out.stderr };
-        (out.status.success(), String::from_utf8_lossy(&text).into())
+        let (ok, out, err) = self.daemon.cli(args);
+        (ok, if ok { out } else { err })
     }
 
     fn ok(&self, args: &[&str]) -> String {
@@ -84,15 +61,8 @@ impl Serve {
     }
 
     fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.daemon.child.kill().unwrap();
+        self.daemon.child.wait().unwrap();
     }
 }
 

@@ -4,16 +4,15 @@
 //! resumes at the next start, with `udm snapshot list` saying so.
 
 mod blkio_client;
+mod daemon_process;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use blkio_client::{Client, Op};
+use daemon_process::{Daemon, Start};
 use serde_json::Value;
 
-const UDM: &str = env!("CARGO_BIN_EXE_udm");
 const DISK_BYTES: usize = 16 << 20;
 
 /// A `udm serve --config udm.toml` in a directory; SIGKILLed on drop (no drain, no
@@ -21,36 +20,19 @@ const DISK_BYTES: usize = 16 << 20;
 /// bring back, so each start goes without the state file a previous run saved (which
 /// would otherwise be the truth: `durable_state.rs` tests that path).
 struct Serve {
-    child: Child,
-    dir: PathBuf,
+    daemon: Daemon,
 }
 
 impl Serve {
     fn start(dir: &Path) -> Serve {
         let _ = std::fs::remove_file(dir.join("udm-state.json"));
-        let mut child = Command::new(UDM)
-            .args(["serve", "--config", "udm.toml"])
-            .current_dir(dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("udm runs");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        loop {
-            match lines.next() {
-                Some(Ok(line)) if line.starts_with("stop with") => break,
-                Some(_) => {}
-                None => panic!("udm serve exited during start-up: {:?}", child.wait()),
-            }
-        }
-        std::thread::spawn(move || lines.for_each(drop));
-        Serve { child, dir: dir.to_path_buf() }
+        Serve { daemon: Daemon::start(dir, Start { args: &["--config", "udm.toml"], ..Start::default() }) }
     }
 
+    /// Runs `udm args...`: success and its stdout, or failure and its stderr.
     fn udm(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(UDM).args(args).current_dir(&self.dir).output().unwrap();
-        let text = if out.status.success() { out.stdout } else { out.stderr };
-        (out.status.success(), String::from_utf8_lossy(&text).into())
+        let (ok, out, err) = self.daemon.cli(args);
+        (ok, if ok { out } else { err })
     }
 
     fn ok(&self, args: &[&str]) -> String {
@@ -66,14 +48,7 @@ impl Serve {
     }
 
     fn client(&self) -> Client {
-        Client::connect(&self.dir.join("vol0.sock"), 1, false).unwrap()
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        Client::connect(&self.daemon.dir.join("vol0.sock"), 1, false).unwrap()
     }
 }
 
